@@ -1,0 +1,101 @@
+"""The ``pipeline`` command: ``run``, ``validate``.
+
+Exit codes: 0 ok (failures within ``max_failures``), 1 over the threshold or the run failed,
+2 usage or config error, 130 / 143 interrupted by SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Run a batch pipeline described by a TOML file.",
+        epilog="Exit codes: 0 ok, 1 failed (or more failures than max_failures), "
+        "2 usage or config error, 130/143 interrupted.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the pipeline")
+    run.add_argument("config", type=Path, help="the pipeline's config.toml")
+    run.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here")
+    run.add_argument("--limit", type=int, metavar="N", help="read at most N items from the source")
+    run.add_argument("--run-id", metavar="ID", help="the run's id (default: name and start time)")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="live progress display (default: when stderr is a terminal)",
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="plain periodic log lines instead of the live display",
+    )
+    validate = sub.add_parser("validate", help="check the config and exit; nothing runs")
+    validate.add_argument("config", type=Path, help="the pipeline's config.toml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pipeline`` console script and ``python -m pipeline``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from ._exceptions import ConfigError, PipelineError
+
+    try:
+        from ._config import load_config
+
+        pipeline = load_config(args.config)
+        if args.command == "validate":
+            stages = ", ".join(s.name for s in pipeline.stages)
+            print(f"{args.config}: valid. {len(pipeline.stages)} stages: {stages}")
+            return EXIT_OK
+        if args.limit is not None and args.limit < 0:
+            raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    import asyncio
+
+    from ._progress import print_summary
+    from ._runner import Runner
+
+    runner = Runner(
+        pipeline, run_id=args.run_id, limit=args.limit, report_path=args.report, progress=args.progress
+    )
+    try:
+        report = asyncio.run(runner.run(handle_signals=True))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PipelineError as exc:
+        if runner.last_report is not None:
+            print_summary(runner.last_report)
+        print(f"run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:
+        if runner.last_report is not None:
+            print_summary(runner.last_report)
+        logging.getLogger("pipeline").exception(
+            "run failed with an unexpected error (an engine or stage bug)"
+        )
+        return EXIT_FAILED
+    print_summary(report)
+    if runner.run_dir is not None:
+        print(f"report: {runner.run_dir / 'report.json'}", file=sys.stderr)
+    return report.exit_code

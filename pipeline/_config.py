@@ -1,0 +1,260 @@
+"""``config.toml`` to :class:`~pipeline.Pipeline`: parse with tomllib, validate with pydantic.
+
+Every problem becomes one :class:`~pipeline.ConfigError` naming the file, the table and key,
+the bad value and the fix, before anything runs. The shape::
+
+    [pipeline]                 name, queue_size, grace_period, max_failures, report_dir, ...
+    [databases.<name>]         dsn, concurrency (the one cap shared by every stage using it)
+    [source]                   use = "module:callable", key, then the source's own options
+    [[stages]]                 use, name, concurrency, queue_size, timeout, retry, kind,
+                               then the stage's own options (checked against its signature)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._definition import Database, Pipeline, Retry, Source, Stage
+from ._exceptions import ConfigError
+
+__all__ = ["load_config"]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class _PipelineTable(BaseModel):
+    model_config = _STRICT
+    name: str = "pipeline"
+    queue_size: int = Field(64, ge=1)
+    grace_period: float = Field(30.0, ge=0)
+    max_failures: int = Field(0, ge=0)
+    report_dir: str = "runs"
+    progress_interval: float = Field(10.0, gt=0)
+
+
+class _DatabaseTable(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    dsn: str
+    concurrency: int = Field(4, ge=1)
+
+
+class _RetryTable(BaseModel):
+    model_config = _STRICT
+    attempts: int = Field(3, ge=1)
+    backoff: float = Field(0.5, ge=0)
+    max_backoff: float = Field(30.0, ge=0)
+    jitter: float = Field(0.5, ge=0)
+    on: list[str] = []
+
+
+class _SourceTable(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    use: str
+    key: str = "id"
+
+
+class _StageTable(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    use: str
+    name: str | None = None
+    concurrency: int = Field(1, ge=1)
+    queue_size: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    retry: _RetryTable | None = None
+    kind: Literal["async", "thread"] | None = None
+
+
+class _ConfigFile(BaseModel):
+    model_config = _STRICT
+    pipeline: _PipelineTable = _PipelineTable()
+    databases: dict[str, _DatabaseTable] = {}
+    source: _SourceTable
+    stages: list[_StageTable] = Field(min_length=1)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _explain(err: Mapping[str, Any]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    loc = _location(err["loc"])
+    key = str(err["loc"][-1]) if err["loc"] else ""
+    if kind == "missing":
+        return f"{key!r} is required; add it"
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r}; remove it or check its spelling"
+    if kind in ("greater_than_equal", "greater_than"):
+        op = ">=" if kind == "greater_than_equal" else ">"
+        bound = ctx.get("ge", ctx.get("gt"))
+        return f"{loc} must be {op} {bound}, got {value!r}; set it to a number {op} {bound}"
+    if kind == "too_short":
+        return f"{loc} needs at least one entry; add a [[{key}]] table"
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        expected = err["msg"].removeprefix("Input should be ").removesuffix(".")
+        return f"{loc} must be {expected}, got {value!r} ({type(value).__name__}); fix its type"
+    return f"{loc}: {err['msg']} (got {value!r})"
+
+
+def _import(use: str, *, file: str, location: str) -> Any:
+    """Import ``module:name`` (or ``module.name``), or explain what to fix."""
+    module_name, sep, attr = use.partition(":")
+    if not sep:
+        module_name, _, attr = use.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(
+            f'{use!r} is not of the form "package.module:callable"; write it that way',
+            file=file,
+            location=location,
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import module {module_name!r} named by {use!r} ({exc}); check the spelling, "
+            "and that the module is installed or next to the config file",
+            file=file,
+            location=location,
+        ) from None
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"module {module_name!r} has no attribute {attr!r} (named by {use!r}); "
+                "check the spelling after the colon",
+                file=file,
+                location=location,
+            ) from None
+    return obj
+
+
+def _callable(use: str, *, file: str, location: str) -> Callable[..., Any]:
+    obj = _import(use, file=file, location=location)
+    if not callable(obj):
+        raise ConfigError(
+            f"{use!r} is a {type(obj).__name__}, not a callable; name a function",
+            file=file,
+            location=location,
+        )
+    return obj  # type: ignore[no-any-return]
+
+
+def _exception_type(name: str, *, file: str, location: str) -> type[BaseException]:
+    if ":" not in name and "." not in name:
+        import builtins
+
+        obj = getattr(builtins, name, None)
+    else:
+        obj = _import(name, file=file, location=location)
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise ConfigError(
+            f'{name!r} is not an exception type; name one, for example "requests.ConnectionError"',
+            file=file,
+            location=location,
+        )
+    return obj
+
+
+def _with_location(exc: ConfigError, file: str, prefix: str) -> ConfigError:
+    location = f"{prefix}.{exc.location}" if exc.location else prefix
+    return ConfigError(exc.message, file=file, location=location)
+
+
+def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
+    """Read, validate and build the pipeline a TOML file describes.
+
+    The config file's directory is put on ``sys.path``, so custom stages can live next to it.
+
+    Raises:
+        ConfigError: With the file, the table and key, and the fix.
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("no such file; pass the path of your config.toml", file=file) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", file=file) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"is not valid TOML: {exc}; fix the syntax there", file=file) from None
+    try:
+        cfg = _ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        more = f" ({len(errors) - 1} more problems after this one)" if len(errors) > 1 else ""
+        raise ConfigError(_explain(first) + more, file=file, location=_location(first["loc"])) from None
+
+    here = str(path.resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+    databases = {}
+    for name, db in cfg.databases.items():
+        extra = dict(db.model_extra or {})
+        databases[name] = Database(dsn=db.dsn, concurrency=db.concurrency, options=extra)
+
+    source_fn = _callable(cfg.source.use, file=file, location="source.use")
+    try:
+        source = Source(source_fn, key=cfg.source.key, options=dict(cfg.source.model_extra or {}))
+    except ConfigError as exc:
+        raise _with_location(exc, file, "source") from None
+
+    stages = []
+    for i, table in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        fn = _callable(table.use, file=file, location=f"{where}.use")
+        retry = Retry()
+        if table.retry is not None:
+            on = tuple(_exception_type(n, file=file, location=f"{where}.retry.on") for n in table.retry.on)
+            retry = Retry(
+                attempts=table.retry.attempts,
+                backoff=table.retry.backoff,
+                max_backoff=table.retry.max_backoff,
+                jitter=table.retry.jitter,
+                on=on,
+            )
+        try:
+            stages.append(
+                Stage(
+                    fn,
+                    name=table.name or table.use.rpartition(":")[2] or table.use,
+                    concurrency=table.concurrency,
+                    queue_size=table.queue_size,
+                    timeout=table.timeout,
+                    retry=retry,
+                    options=dict(table.model_extra or {}),
+                    kind=table.kind,
+                )
+            )
+        except ConfigError as exc:
+            raise _with_location(exc, file, where) from None
+
+    p = cfg.pipeline
+    try:
+        return Pipeline(
+            source=source,
+            stages=stages,
+            name=p.name,
+            databases=databases,
+            queue_size=p.queue_size,
+            grace_period=p.grace_period,
+            max_failures=p.max_failures,
+            report_dir=Path(p.report_dir),
+            progress_interval=p.progress_interval,
+        )
+    except ConfigError as exc:
+        raise _with_location(exc, file, "pipeline") from None

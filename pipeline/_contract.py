@@ -1,0 +1,221 @@
+"""The stage contract: what a source or stage callable is, and what it may ask of the engine.
+
+Built-in stages (``stages/``) use exactly this contract; there is no private door.
+
+A **stage** is one of:
+
+* an ``async def stage(item, **options) -> item``: runs on the event loop;
+* a plain ``def stage(item, **options) -> item``: runs in the engine's thread pool;
+* an async or sync generator function yielding items: fan-out, one item in, any number out;
+* a :func:`factory`: ``factory(ctx, **options)`` returns an async context manager whose value is
+  one of the above. The engine enters it before the stage's first item and exits it after the
+  last, even when the run fails. That is the place for sessions, pools and files.
+
+A **source** is a callable taking its options as keyword arguments and returning an iterable or
+async iterable of dicts (a generator function is the usual shape), or a :func:`factory` whose
+value is such an iterable.
+
+A stage returns the item for the next stage (usually the same dict with fields added), or raises
+:class:`~pipeline.Skip` to end it as skipped. Any other exception fails the item in that stage;
+:class:`~pipeline.TransientError` (and the stage's configured ``retry.on`` types) are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
+
+from ._exceptions import ConfigError
+from ._limiter import CapacityLimiter
+
+__all__ = [
+    "Context",
+    "DatabaseHandle",
+    "Item",
+    "StageFunction",
+    "factory",
+    "is_factory",
+    "stage_kind",
+]
+
+Item: TypeAlias = dict[str, Any]
+"""An item: the source row's columns plus whatever stages add."""
+
+StageResult: TypeAlias = Item | Awaitable[Item] | Iterator[Item] | AsyncIterator[Item] | Iterable[Item]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StageFunction(Protocol):
+    """The per-item callable of a stage.
+
+    It takes the item positionally and the stage's options as keyword arguments, and returns
+    the item for the next stage (or yields several, for fan-out). ``async def`` runs on the
+    event loop; ``def`` runs in a worker thread, and must not return an awaitable.
+    """
+
+    def __call__(self, item: Item, /, **options: Any) -> StageResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseHandle:
+    """A ``[databases.<name>]`` entry as a stage sees it.
+
+    The engine knows nothing of SQL: it keeps the DSN and the one limiter that every stage
+    touching this database shares. Stages open connections themselves (see ``stages.db``)
+    and hold ``limiter`` around every use of a connection.
+
+    Attributes:
+        name: The table name under ``[databases]``.
+        dsn: The configured DSN, as written (it may carry a password: never log it).
+        limiter: The database's shared cap.
+        options: Any further keys of the table.
+    """
+
+    name: str
+    dsn: str = field(repr=False)  # may carry a password
+    limiter: CapacityLimiter
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SharedResources:
+    """Run-scoped resources, opened on first use and closed together at the end of the run."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.AsyncExitStack()
+        self._values: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, key: str, opener: Callable[[], contextlib.AbstractAsyncContextManager[T]]) -> T:
+        async with self._lock:
+            if key not in self._values:
+                self._values[key] = await self.stack.enter_async_context(opener())
+            value: T = self._values[key]
+            return value
+
+
+class Context:
+    """What the engine hands a :func:`factory`: the run, the stage, and shared resources.
+
+    Attributes:
+        pipeline: The pipeline's name.
+        run_id: This run's id.
+        stage: The stage's name (``"source"`` for the source).
+        limiter: The stage's own cap; ``None`` for the source. A stage may read
+            ``limiter.total`` to size a connection pool.
+    """
+
+    def __init__(
+        self,
+        *,
+        pipeline: str,
+        run_id: str,
+        stage: str,
+        limiter: CapacityLimiter | None,
+        databases: Mapping[str, DatabaseHandle],
+        shared: SharedResources,
+        pause: Callable[[float], None] | None = None,
+    ):
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.stage = stage
+        self.limiter = limiter
+        self._databases = databases
+        self._shared = shared
+        self._pause = pause
+
+    def database(self, name: str) -> DatabaseHandle:
+        """Return the ``[databases.<name>]`` entry, with its shared limiter.
+
+        Raises:
+            ConfigError: No database of that name is configured.
+        """
+        try:
+            return self._databases[name]
+        except KeyError:
+            known = ", ".join(sorted(self._databases)) or "none"
+            raise ConfigError(
+                f"stage {self.stage!r} uses database {name!r}, which is not configured "
+                f"(configured: {known}); add a [databases.{name}] table or fix the name"
+            ) from None
+
+    async def shared(self, key: str, opener: Callable[[], contextlib.AbstractAsyncContextManager[T]]) -> T:
+        """Open a resource once per run, shared by every stage that asks with the same key.
+
+        The first caller enters ``opener()``; later callers get the same value. The engine
+        exits it after every stage has closed, even when the run fails.
+
+        Args:
+            key: Identifies the resource, for example ``"mysql-pool:catalog"``.
+            opener: Returns the async context manager to enter on first use.
+        """
+        return await self._shared.get(key, opener)
+
+    def pause(self, seconds: float) -> None:
+        """Pause the whole stage: no worker starts another attempt for ``seconds``.
+
+        Raising :class:`~pipeline.RetryAfter` from the stage does this and retries the item.
+        """
+        if self._pause is not None:
+            self._pause(seconds)
+
+
+def factory(fn: F) -> F:
+    """Mark ``fn`` as a stage or source factory.
+
+    ``fn(ctx, **options)`` must return an async context manager whose value is the stage
+    callable (or, for a source, the iterable of items). The engine enters it before the first
+    item and exits it after the last, even on failure::
+
+        @pipeline.factory
+        @contextlib.asynccontextmanager
+        async def download(ctx: pipeline.Context, *, timeout: float = 10.0):
+            session = requests.Session()
+            try:
+                yield lambda item: {**item, "body": session.get(item["url"], timeout=timeout).content}
+            finally:
+                session.close()
+    """
+    fn.__pipeline_factory__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_factory(fn: object) -> bool:
+    """Whether ``fn`` was marked with :func:`factory`."""
+    return bool(getattr(fn, "__pipeline_factory__", False))
+
+
+Kind = Literal["async", "thread", "async-gen", "thread-gen"]
+
+
+def stage_kind(fn: Callable[..., Any]) -> Kind:
+    """Tell how the engine runs a stage callable, from the callable itself."""
+    call = fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or hasattr(fn, "func")):
+        # A callable object: look at its __call__ (functools.partial is handled by inspect).
+        call = getattr(fn, "__call__", fn)  # noqa: B004
+    if inspect.isasyncgenfunction(call):
+        return "async-gen"
+    if inspect.iscoroutinefunction(call):
+        return "async"
+    if inspect.isgeneratorfunction(call):
+        return "thread-gen"
+    return "thread"
+
+
+def is_async_iterable(obj: object) -> bool:
+    """Whether ``obj`` is an async iterable (as opposed to a plain one)."""
+    return isinstance(obj, AsyncIterable)

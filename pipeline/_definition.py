@@ -1,0 +1,309 @@
+"""The pipeline as data: ``Pipeline``, ``Source``, ``Stage``, ``Retry``, ``Database``.
+
+These are what ``from pipeline import ...`` builds in code and what the TOML loader builds from
+``config.toml``: one definition, one set of checks. Every check runs when the object is made,
+so a bad definition fails before any item runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._contract import Kind, is_factory, stage_kind
+from ._exceptions import ConfigError, TransientError
+
+if TYPE_CHECKING:
+    from ._report import RunReport
+
+__all__ = ["Database", "Pipeline", "Retry", "Source", "Stage"]
+
+DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (TransientError, TimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Per-item retry policy of a stage, run by tenacity.
+
+    Attempt *k* (from 1) that fails with a retryable exception is followed by a wait of
+    ``backoff * 2**(k-1)`` seconds, capped at ``max_backoff``, plus up to ``jitter`` seconds
+    of random jitter.
+
+    Attributes:
+        attempts: Attempts in all, including the first; ``1`` disables retries.
+        backoff: The first wait, in seconds.
+        max_backoff: The longest wait, in seconds.
+        jitter: Up to this many seconds of random jitter added to each wait.
+        on: Exception types that are retried, in addition to the defaults
+            (:class:`~pipeline.TransientError`, ``TimeoutError``, ``ConnectionError``).
+    """
+
+    attempts: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    jitter: float = 0.5
+    on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"retry.attempts must be >= 1, got {self.attempts!r}")
+        for name in ("backoff", "max_backoff", "jitter"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"retry.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def retryable(self) -> tuple[type[BaseException], ...]:
+        """Every exception type this policy retries."""
+        return DEFAULT_RETRY_ON + tuple(self.on)
+
+
+@dataclass(frozen=True)
+class Database:
+    """A ``[databases.<name>]`` entry: a DSN and the one cap shared by every stage using it.
+
+    Attributes:
+        dsn: For example ``sqlite:///var/catalog.db`` or ``mysql://user@host:3306/db``.
+        concurrency: At most this many operations on the database at once, across all stages.
+        options: Further keys, passed through to the stages that open the database.
+    """
+
+    dsn: str = field(repr=False)  # may carry a password
+    concurrency: int = 4
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_cap("concurrency", self.concurrency)
+
+
+def _check_cap(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _describe(fn: object) -> str:
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    return f"{module}:{qualname}" if module else qualname
+
+
+def validate_options(
+    fn: Callable[..., Any], options: Mapping[str, Any], *, skip_first: bool
+) -> dict[str, Any]:
+    """Check ``options`` against ``fn``'s keyword parameters, with pydantic.
+
+    Unknown names are refused unless ``fn`` takes ``**kwargs``; values are checked and coerced
+    against the parameters' annotations. Returns only the options that were given.
+
+    Raises:
+        ConfigError: Naming the option, the value and what the callable accepts.
+    """
+    import pydantic  # deferred: keeps `pipeline --help` fast
+
+    try:
+        sig = inspect.signature(fn, eval_str=True)
+    except (TypeError, ValueError, NameError):
+        return dict(options)
+    params = list(sig.parameters.values())
+    if skip_first:
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            raise ConfigError(
+                f"{_describe(fn)} must take the item (or, for a factory, the context) as its "
+                "first positional parameter"
+            )
+        params = params[1:]
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    fields: dict[str, Any] = {}
+    for p in params:
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+            continue
+        annotation = Any if p.annotation is p.empty else p.annotation
+        default = ... if p.default is p.empty else p.default
+        fields[p.name] = (annotation, default)
+    accepted = ", ".join(sorted(fields)) or "no options"
+    for name in options:
+        if name not in fields and not var_kw:
+            raise ConfigError(f"unknown option {name!r}: {_describe(fn)} accepts {accepted}", location=name)
+    required = [n for n, (_, d) in fields.items() if d is ... and n not in options]
+    if required:
+        raise ConfigError(
+            f"missing option {required[0]!r}, which {_describe(fn)} requires; set it",
+            location=required[0],
+        )
+    known = {n: v for n, v in options.items() if n in fields}
+    try:
+        model = pydantic.create_model(
+            "Options",
+            __config__=pydantic.ConfigDict(arbitrary_types_allowed=True),
+            **{n: fields[n] for n in known},
+        )
+        checked = model(**known)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(
+            f"option {name!r} = {known.get(name)!r} is invalid: {err['msg']} "
+            f"(see the signature of {_describe(fn)})",
+            location=name,
+        ) from None
+    except (TypeError, pydantic.PydanticSchemaGenerationError):
+        return dict(options)  # an annotation pydantic cannot check: pass the value as given
+    out = {n: getattr(checked, n) for n in known}
+    out.update({n: v for n, v in options.items() if n not in fields})
+    return out
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where items come from.
+
+    Attributes:
+        fn: A callable taking ``options`` as keyword arguments and returning an iterable or
+            async iterable of dicts, or a :func:`~pipeline.factory` whose value is one.
+        key: The field that identifies an item; it names the item in reports and dead letters.
+        options: Keyword arguments for ``fn``.
+    """
+
+    fn: Callable[..., Any]
+    key: str = "id"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigError(f"source must be callable, got {self.fn!r}")
+        object.__setattr__(
+            self, "options", validate_options(self.fn, self.options, skip_first=is_factory(self.fn))
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline, with its own cap.
+
+    Attributes:
+        fn: The stage callable or :func:`~pipeline.factory` (see :mod:`pipeline` for the contract).
+        name: Shown in reports; defaults to the callable's name.
+        concurrency: At most this many items inside ``fn`` at once.
+        queue_size: Bound of the queue in front of this stage; ``None`` takes the pipeline's.
+        timeout: Seconds one attempt may take; ``None`` for no limit.
+        retry: The per-item retry policy.
+        options: Keyword arguments for ``fn``.
+        kind: ``"async"`` or ``"thread"`` to assert how ``fn`` must run; a mismatch is refused.
+    """
+
+    fn: Callable[..., Any]
+    name: str = ""
+    concurrency: int = 1
+    queue_size: int | None = None
+    timeout: float | None = None
+    retry: Retry = field(default_factory=Retry)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    kind: Literal["async", "thread"] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigError(f"stage {self.name!r}: fn must be callable, got {self.fn!r}")
+        if not self.name:
+            object.__setattr__(self, "name", getattr(self.fn, "__name__", None) or "stage")
+        _check_cap(f"stage {self.name!r}: concurrency", self.concurrency)
+        if self.queue_size is not None:
+            _check_cap(f"stage {self.name!r}: queue_size", self.queue_size)
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"stage {self.name!r}: timeout must be > 0 seconds, got {self.timeout!r}")
+        if not is_factory(self.fn):
+            self.check_kind(stage_kind(self.fn))
+        object.__setattr__(self, "options", validate_options(self.fn, self.options, skip_first=True))
+
+    def check_kind(self, kind: Kind) -> None:
+        """Refuse a callable whose kind contradicts the declared ``kind``."""
+        runs_async = kind in ("async", "async-gen")
+        if self.kind == "thread" and runs_async:
+            raise ConfigError(
+                f'stage {self.name!r} is declared kind = "thread" but {_describe(self.fn)} is '
+                "a coroutine function; a coroutine is never handed to a thread. Remove kind, "
+                "or make the callable a plain def"
+            )
+        if self.kind == "async" and not runs_async:
+            raise ConfigError(
+                f'stage {self.name!r} is declared kind = "async" but {_describe(self.fn)} is '
+                "a plain function, which would block the event loop. Remove kind to run it in "
+                "the thread pool, or make it async def"
+            )
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A source, stages in order, and the run's settings.
+
+    Attributes:
+        source: Where items come from.
+        stages: The stages, in order.
+        name: The pipeline's name; it prefixes run ids.
+        databases: Shared databases by name, each with its one cap.
+        queue_size: Default bound of the queue in front of each stage.
+        grace_period: Seconds in-flight items get to finish after SIGINT or SIGTERM.
+        max_failures: Failed items allowed before the run's exit status is 1.
+        report_dir: Where each run writes ``<run_id>/report.json`` and its dead letters;
+            ``None`` writes nothing unless a path is given to :meth:`run`.
+        progress_interval: Seconds between progress log lines when not on a terminal.
+    """
+
+    source: Source
+    stages: Sequence[Stage]
+    name: str = "pipeline"
+    databases: Mapping[str, Database] = field(default_factory=dict)
+    queue_size: int = 64
+    grace_period: float = 30.0
+    max_failures: int = 0
+    report_dir: Path | None = Path("runs")
+    progress_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise ConfigError("a pipeline needs at least one stage")
+        _check_cap("queue_size", self.queue_size)
+        if self.grace_period < 0:
+            raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period!r}")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures must be >= 0, got {self.max_failures!r}")
+        # Names key the report; the same callable used twice gets "name-2", "name-3", ...
+        seen: dict[str, int] = {}
+        stages = []
+        for stage in self.stages:
+            n = seen[stage.name] = seen.get(stage.name, 0) + 1
+            stages.append(dataclasses.replace(stage, name=f"{stage.name}-{n}") if n > 1 else stage)
+        object.__setattr__(self, "stages", tuple(stages))
+
+    async def run_async(
+        self,
+        *,
+        run_id: str | None = None,
+        limit: int | None = None,
+        report_path: Path | None = None,
+        progress: bool | None = None,
+        handle_signals: bool = False,
+    ) -> RunReport:
+        """Run the pipeline on the running event loop and return its report.
+
+        Args:
+            run_id: The run's id; defaults to the pipeline's name and the start time.
+            limit: Read at most this many items from the source.
+            report_path: Also write the report JSON here.
+            progress: Show live progress; ``None`` shows it when stderr is a terminal.
+            handle_signals: Install SIGINT/SIGTERM handlers for a graceful stop.
+        """
+        from ._runner import Runner
+
+        runner = Runner(self, run_id=run_id, limit=limit, report_path=report_path, progress=progress)
+        return await runner.run(handle_signals=handle_signals)
+
+    def run(self, **kwargs: Any) -> RunReport:
+        """Run the pipeline to completion in a new event loop (see :meth:`run_async`)."""
+        import asyncio
+
+        kwargs.setdefault("handle_signals", True)
+        return asyncio.run(self.run_async(**kwargs))

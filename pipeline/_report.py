@@ -1,0 +1,189 @@
+"""What a run measures and leaves behind: per-stage statistics, the run report, dead letters.
+
+The per-item cost matters here (it is on the hot path), so statistics are plain counters and a
+fixed-size log-bucket latency histogram: no allocation per item beyond the float the clock returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["DeadLetterWriter", "ItemCounts", "LatencyHistogram", "RunReport", "StageReport"]
+
+# Buckets grow by 2**(1/8) (about 9%), so a percentile is within about 4.5% of the truth;
+# they span 1 µs .. ~10^5 s in 400 counters.
+_BUCKETS_PER_OCTAVE = 8
+_MIN_S = 1e-6
+_NBUCKETS = 400
+
+
+class LatencyHistogram:
+    """A fixed-size histogram of durations, for percentiles without storing samples."""
+
+    __slots__ = ("count", "counts")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _NBUCKETS
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        """Record one duration."""
+        if seconds <= _MIN_S:
+            index = 0
+        else:
+            index = min(_NBUCKETS - 1, int(math.log2(seconds / _MIN_S) * _BUCKETS_PER_OCTAVE) + 1)
+        self.counts[index] += 1
+        self.count += 1
+
+    def percentile(self, q: float) -> float | None:
+        """Return the ``q`` quantile (0..1), or ``None`` with no samples."""
+        if not self.count:
+            return None
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for index, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                if index == 0:
+                    return _MIN_S
+                # The geometric middle of the bucket.
+                return float(_MIN_S * 2 ** ((index - 0.5) / _BUCKETS_PER_OCTAVE))
+        return None  # pragma: no cover - counts always sum to count
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """How the source's items ended. ``read == ok + failed + skipped + unfinished``."""
+
+    read: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    unfinished: int = 0
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage's figures for the run.
+
+    Attributes:
+        name: The stage's name.
+        kind: ``async``, ``thread``, ``async-gen`` or ``thread-gen``.
+        concurrency: The cap at the end of the run.
+        ok: Calls that returned an item.
+        failed: Items that failed here, after their retries.
+        skipped: Items the stage skipped.
+        retries: Attempts beyond the first, over all items.
+        max_in_flight: The most items inside the callable at once.
+        latency_s: p50, p95 and p99 of one attempt, in seconds.
+        busy_ratio: Share of the stage's capacity (cap x wall time) in use.
+        blocked_s: Worker time spent waiting on a full downstream queue.
+    """
+
+    name: str
+    kind: str
+    concurrency: int
+    ok: int
+    failed: int
+    skipped: int
+    retries: int
+    max_in_flight: int
+    latency_s: dict[str, float | None]
+    busy_ratio: float
+    blocked_s: float
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The outcome of one run, as written to ``report.json``.
+
+    Attributes:
+        pipeline: The pipeline's name.
+        run_id: The run's id.
+        status: ``ok``, ``failed`` (over ``max_failures`` or the run itself failed) or
+            ``interrupted``.
+        exit_code: What the CLI exits with: 0, 1, 130 or 143.
+        wall_s: Wall-clock seconds.
+        items: How the source's items ended.
+        stages: Per-stage figures, in order.
+        bottleneck: The stage that limited throughput, and why.
+        unfinished_keys: Keys of items cancelled at the end of a graceful stop.
+        error: Why the run failed, when it did.
+        dead_letters: Path of the dead-letter file, when anything failed.
+        started_at: ISO 8601 start time (UTC).
+    """
+
+    pipeline: str
+    run_id: str
+    status: str
+    exit_code: int
+    wall_s: float
+    items: ItemCounts
+    stages: list[StageReport]
+    bottleneck: dict[str, Any] | None = None
+    unfinished_keys: list[Any] = field(default_factory=list)
+    error: str | None = None
+    dead_letters: str | None = None
+    started_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data."""
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        """Write the report as JSON, atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601, UTC, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class DeadLetterWriter:
+    """Appends one JSON line per failed item; the file is created on the first failure.
+
+    Each record has ``run_id``, ``key``, ``stage``, ``error_type``, ``message``, ``attempts``
+    and ``time``.
+    """
+
+    def __init__(self, path: Path | None, run_id: str):
+        self.path = path
+        self.run_id = run_id
+        self.count = 0
+        self._file: IO[str] | None = None
+
+    def write(self, *, key: object, stage: str, error: BaseException, attempts: int) -> None:
+        """Record one failed item."""
+        self.count += 1
+        if self.path is None:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        record = {
+            "run_id": self.run_id,
+            "key": key,
+            "stage": stage,
+            "error_type": f"{type(error).__module__}.{type(error).__qualname__}".removeprefix("builtins."),
+            "message": str(error) or repr(error),
+            "attempts": attempts,
+            "time": utc_now(),
+        }
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file, if one was opened."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

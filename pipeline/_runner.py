@@ -1,0 +1,792 @@
+"""The run: a source feeding bounded queues, each stage a pool of workers under its own cap.
+
+Shape of a run::
+
+    source --feed--> [queue 0] --stage 0 workers--> [queue 1] --stage 1 workers--> ... --> done
+
+* Each queue is bounded, so the source is read no faster than the slowest stage drains.
+* Each stage has as many workers as its cap allows; a worker takes one item, takes a slot of the
+  stage's :class:`CapacityLimiter`, runs one attempt, gives the slot back, and so on: exactly N
+  items stay in flight while work remains (a pool, not batches of N).
+* Every item the source yields gets a ticket; the ticket ends exactly once as ok, failed or
+  skipped (fan-out children share their parent's ticket), or is reported unfinished after a
+  graceful stop.
+* All tasks live in one TaskGroup, so nothing is left pending and no exception goes unretrieved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import inspect
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from ._contract import Context, DatabaseHandle, Kind, SharedResources, is_factory, stage_kind
+from ._definition import Pipeline, Stage, _describe
+from ._exceptions import (
+    ConfigError,
+    PipelineError,
+    RetryAfter,
+    Skip,
+    SourceError,
+    StageMisuse,
+    StageTimeout,
+)
+from ._limiter import CapacityLimiter
+from ._report import DeadLetterWriter, ItemCounts, LatencyHistogram, RunReport, StageReport, utc_now
+
+__all__ = ["Runner"]
+
+log = logging.getLogger("pipeline")
+
+_END: Final = object()
+"""Sentinel closing a queue: every worker that sees it puts it back for its siblings."""
+
+_THREAD_HEADROOM: Final = 4
+"""Extra threads beyond the thread stages' caps: the source, getaddrinfo and user to_thread calls."""
+
+_SOURCE_BATCH: Final = 256
+"""Items pulled per thread hop from a plain (sync) source iterator."""
+
+
+class _Ticket:
+    """One source item's fate; fan-out children share it."""
+
+    __slots__ = ("failed", "key", "ok", "pending")
+
+    def __init__(self, key: object):
+        self.key = key
+        self.pending = 1
+        self.ok = False
+        self.failed = False
+
+
+class _Failed(Exception):
+    def __init__(self, error: BaseException, attempts: int):
+        self.error = error
+        self.attempts = attempts
+
+
+class _StageStats:
+    __slots__ = ("blocked_s", "busy_s", "failed", "latency", "ok", "retries", "skipped")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.skipped = 0
+        self.retries = 0
+        self.busy_s = 0.0
+        self.blocked_s = 0.0
+        self.latency = LatencyHistogram()
+
+
+class _StageRun:
+    """A stage at run time: its callable, its queues, its workers and its statistics."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        spec: Stage,
+        fn: Callable[..., Any],
+        kind: Kind,
+        limiter: CapacityLimiter,
+        inq: asyncio.Queue[Any],
+        outq: asyncio.Queue[Any] | None,
+    ):
+        self.runner = runner
+        self.spec = spec
+        self.name = spec.name
+        self.fn = fn
+        self.kind = kind
+        self.limiter = limiter
+        self.inq = inq
+        self.outq = outq
+        self.stats = _StageStats()
+        self.workers = 0
+        self.alive = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._paused_until = 0.0
+        self._timeout = spec.timeout
+        self._max_attempts = spec.retry.attempts
+        self._retryable = spec.retry.retryable
+        self._fanout = kind in ("async-gen", "thread-gen")
+        self._is_async = kind in ("async", "async-gen")
+        self._loop = asyncio.get_running_loop()
+        self._capacity_s = 0.0
+        self._capacity_mark = time.perf_counter()
+        self._capacity_total = limiter.total
+
+    # -- workers -------------------------------------------------------------------------
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        for _ in range(self.limiter.total):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._tg is not None
+        self.workers += 1
+        self.alive += 1
+        self._tg.create_task(self._worker(), name=f"pipeline-stage-{self.name}-{self.workers}")
+
+    async def _worker(self) -> None:
+        get = self.inq.get
+        try:
+            while True:
+                env = await get()
+                if env is _END:
+                    self.inq.put_nowait(_END)
+                    break
+                if self.workers < self.limiter.total:
+                    self._spawn()  # the cap was raised while running: grow the pool
+                await self._process(env)
+        finally:
+            self.alive -= 1
+        # Only reached on a normal end (not cancellation): the last worker closes the next queue.
+        if self.alive == 0 and self.outq is not None:  # pragma: no branch
+            await self.outq.put(_END)
+
+    def note_capacity(self) -> None:
+        """Integrate cap x time, so busy_ratio stays right when the cap is resized."""
+        now = time.perf_counter()
+        self._capacity_s += self._capacity_total * (now - self._capacity_mark)
+        self._capacity_mark = now
+        self._capacity_total = self.limiter.total
+
+    # -- one item ------------------------------------------------------------------------
+
+    async def _process(self, env: tuple[dict[str, Any], _Ticket]) -> None:
+        item, ticket = env
+        stats = self.stats
+        try:
+            result = await self._call(item)
+        except Skip:
+            stats.skipped += 1
+            self.runner.settle(ticket, None)
+            return
+        except _Failed as failure:
+            stats.failed += 1
+            self.runner.fail(ticket, self.name, failure.error, failure.attempts)
+            return
+        stats.ok += 1
+        if self._fanout:
+            if not result:
+                self.runner.settle(ticket, None)  # fanned out to nothing: skipped
+                return
+            ticket.pending += len(result) - 1
+            for child in result:
+                await self._emit(child, ticket)
+        else:
+            await self._emit(result, ticket)
+
+    async def _emit(self, item: dict[str, Any], ticket: _Ticket) -> None:
+        q = self.outq
+        if q is None:
+            self.runner.settle(ticket, True)
+        elif q.full():
+            start = time.perf_counter()
+            await q.put((item, ticket))
+            self.stats.blocked_s += time.perf_counter() - start
+        else:
+            q.put_nowait((item, ticket))
+
+    async def _call(self, item: dict[str, Any]) -> Any:
+        """Run attempts until one succeeds, the policy gives up, or a permanent error.
+
+        The first attempt runs without tenacity: most items succeed first time, and building
+        a retry controller per item would dominate the engine's per-item cost.
+        """
+        try:
+            return await self._attempt(item)
+        except Skip:
+            raise
+        except self._retryable as exc:
+            if isinstance(exc, RetryAfter):
+                self.pause(exc.delay)
+            if self._max_attempts == 1:
+                raise _Failed(exc, 1) from exc
+            first = exc
+        except Exception as exc:
+            raise _Failed(exc, 1) from exc
+        return await self._retry(item, first)
+
+    async def _retry(self, item: dict[str, Any], first: BaseException) -> Any:
+        import tenacity  # deferred: only items that failed once pay for it
+
+        retry = self.spec.retry
+        attempts = 1
+        self.stats.retries += 1
+        await asyncio.sleep(min(retry.backoff, retry.max_backoff) + random.uniform(0, retry.jitter))
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._max_attempts - 1),
+            # Attempt k of this loop is attempt k+1 overall, so its wait starts one doubling on.
+            wait=tenacity.wait_exponential(multiplier=retry.backoff * 2, max=retry.max_backoff)
+            + tenacity.wait_random(0, retry.jitter),
+            retry=tenacity.retry_if_exception_type(self._retryable),
+            before_sleep=lambda state: self._note_retry(state.outcome.exception() if state.outcome else None),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    return await self._attempt(item)
+        except Skip:
+            raise
+        except Exception as exc:
+            raise _Failed(exc, attempts) from exc
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _note_retry(self, exc: BaseException | None) -> None:
+        self.stats.retries += 1
+        if isinstance(exc, RetryAfter):
+            self.pause(exc.delay)
+
+    def pause(self, seconds: float) -> None:
+        """Close the stage's gate: no worker starts an attempt for ``seconds``."""
+        until = self._loop.time() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            log.info("stage %r paused for %.1fs", self.name, seconds)
+
+    async def _attempt(self, item: dict[str, Any]) -> Any:
+        if self._paused_until:
+            # The pause can be extended while we sleep, so look again after each sleep.
+            while (delay := self._paused_until - self._loop.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(delay)
+        if self._is_async:
+            return await self._attempt_async(item)
+        return await self._attempt_thread(item)
+
+    async def _attempt_async(self, item: dict[str, Any]) -> Any:
+        limiter = self.limiter
+        await limiter.acquire()
+        start = time.perf_counter()
+        try:
+            if self._timeout is None:
+                result = await self._invoke_async(item)
+            else:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        result = await self._invoke_async(item)
+                except TimeoutError as exc:
+                    raise StageTimeout(
+                        f"stage {self.name!r} timed out after {self._timeout:g}s", stage=self.name
+                    ) from exc
+        finally:
+            elapsed = time.perf_counter() - start
+            limiter.release()
+            self.stats.busy_s += elapsed
+            self.stats.latency.add(elapsed)
+        return self._check(result)
+
+    async def _invoke_async(self, item: dict[str, Any]) -> Any:
+        if self._fanout:
+            return [child async for child in self.fn(item)]
+        return await self.fn(item)
+
+    async def _attempt_thread(self, item: dict[str, Any]) -> Any:
+        # asyncio.to_thread would do, but once the awaiting side is cancelled (timeout, stop)
+        # it cannot tell us when the thread really finishes. Submitting to the same executor
+        # (the loop's default, which to_thread uses) keeps the concurrent future, so the slot
+        # is released when the thread is done, never earlier: the cap holds even for
+        # abandoned calls.
+        limiter = self.limiter
+        await limiter.acquire()
+        start = time.perf_counter()
+        call = self._invoke_thread
+        cfut = self.runner.executor.submit(contextvars.copy_context().run, call, item)
+        released_later = False
+        try:
+            if self._timeout is None:
+                result = await asyncio.wrap_future(cfut)
+            else:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        result = await asyncio.wrap_future(cfut)
+                except TimeoutError as exc:
+                    raise StageTimeout(
+                        f"stage {self.name!r} timed out after {self._timeout:g}s "
+                        "(its thread runs on until the call returns, holding its slot)",
+                        stage=self.name,
+                    ) from exc
+        except BaseException:
+            if not cfut.done():
+                released_later = True
+                loop = self._loop
+                cfut.add_done_callback(lambda _: loop.call_soon_threadsafe(limiter.release))
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            if not released_later:
+                limiter.release()
+            self.stats.busy_s += elapsed
+            self.stats.latency.add(elapsed)
+        return self._check(result)
+
+    def _invoke_thread(self, item: dict[str, Any]) -> Any:
+        if self._fanout:
+            return list(self.fn(item))
+        result = self.fn(item)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never leave a "coroutine was never awaited" behind
+            raise StageMisuse(
+                f"stage {self.name!r}: {_describe(self.fn)} is a plain function but returned "
+                f"{type(result).__name__}; make it `async def` so it runs on the event loop, "
+                "or return the item",
+                stage=self.name,
+            )
+        return result
+
+    def _check(self, result: Any) -> Any:
+        if self._fanout:
+            for child in result:
+                if type(child) is not dict:
+                    raise StageMisuse(
+                        f"stage {self.name!r} yielded {type(child).__name__}, expected an item dict",
+                        stage=self.name,
+                    )
+        elif type(result) is not dict:
+            raise StageMisuse(
+                f"stage {self.name!r} returned {type(result).__name__}, expected the item dict; "
+                "return the item, or raise pipeline.Skip to skip it",
+                stage=self.name,
+            )
+        return result
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def report(self, wall_s: float) -> StageReport:
+        self.note_capacity()
+        stats = self.stats
+        hist = stats.latency
+        capacity = self._capacity_s or (self.limiter.total * wall_s)
+        return StageReport(
+            name=self.name,
+            kind=self.kind,
+            concurrency=self.limiter.total,
+            ok=stats.ok,
+            failed=stats.failed,
+            skipped=stats.skipped,
+            retries=stats.retries,
+            max_in_flight=self.limiter.statistics().max_borrowed,
+            latency_s={f"p{q}": hist.percentile(q / 100) for q in (50, 95, 99)},
+            busy_ratio=round(min(1.0, stats.busy_s / capacity), 4) if capacity > 0 else 0.0,
+            blocked_s=round(stats.blocked_s, 4),
+        )
+
+
+class Runner:
+    """Runs one :class:`Pipeline` once. Made by :meth:`Pipeline.run_async`."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        run_id: str | None = None,
+        limit: int | None = None,
+        report_path: Path | None = None,
+        progress: bool | None = None,
+    ):
+        if limit is not None and limit < 0:
+            raise ConfigError(f"--limit must be >= 0, got {limit!r}")
+        self.pipeline = pipeline
+        self.run_id = run_id or f"{pipeline.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        self.limit = limit
+        self.report_path = report_path
+        self.progress = progress
+        run_dir = pipeline.report_dir / self.run_id if pipeline.report_dir is not None else None
+        self.run_dir = run_dir
+        self.dead = DeadLetterWriter(
+            run_dir / "dead_letters.jsonl"
+            if run_dir is not None
+            else (report_path.with_suffix(".dead_letters.jsonl") if report_path else None),
+            self.run_id,
+        )
+        # One limiter per database, shared by every stage that touches it.
+        self._databases = {
+            name: DatabaseHandle(
+                name=name,
+                dsn=db.dsn,
+                limiter=CapacityLimiter(db.concurrency, name=f"database {name!r}"),
+                options=db.options,
+            )
+            for name, db in pipeline.databases.items()
+        }
+        self.last_report: RunReport | None = None
+        self.stages: list[_StageRun] = []
+        self.queues: list[asyncio.Queue[Any]] = []
+        self.read = 0
+        self.ok = 0
+        self.failed = 0
+        self.skipped = 0
+        self._open: set[_Ticket] = set()
+        self._stop_signal: int | None = None
+        self._stopping = asyncio.Event()
+        self._grace_expired = False
+        self._flow_task: asyncio.Task[None] | None = None
+        self._feeding_source = False
+        self._feeder: asyncio.Task[None] | None = None
+        self.started = time.perf_counter()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._thread_count(), thread_name_prefix=f"pipeline-{pipeline.name}"
+        )
+
+    def _thread_count(self) -> int:
+        # Stages behind a factory only show their kind once opened; threads are created
+        # lazily, so counting them costs nothing if they turn out to be async.
+        return (
+            sum(
+                s.concurrency
+                for s in self.pipeline.stages
+                if is_factory(s.fn) or stage_kind(s.fn) in ("thread", "thread-gen")
+            )
+            + _THREAD_HEADROOM
+        )
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def settle(self, ticket: _Ticket, ok: bool | None) -> None:
+        """One branch of ``ticket`` ended: ok (True), skipped (None)."""
+        if ok:
+            ticket.ok = True
+        ticket.pending -= 1
+        if ticket.pending == 0:
+            self._close(ticket)
+
+    def fail(self, ticket: _Ticket, stage: str, error: BaseException, attempts: int) -> None:
+        """One branch of ``ticket`` failed in ``stage``: dead-letter it."""
+        self.dead.write(key=ticket.key, stage=stage, error=error, attempts=attempts)
+        ticket.failed = True
+        ticket.pending -= 1
+        if ticket.pending == 0:
+            self._close(ticket)
+
+    def _close(self, ticket: _Ticket) -> None:
+        self._open.discard(ticket)
+        if ticket.failed:
+            self.failed += 1
+        elif ticket.ok:
+            self.ok += 1
+        else:
+            self.skipped += 1
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False) -> RunReport:
+        """Open everything, run the flow, close everything, and return the report."""
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(self.executor)
+        started_at = utc_now()
+        self.started = time.perf_counter()
+        error: BaseException | None = None
+        installed: list[signal.Signals] = []
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop, sig)
+                installed.append(sig)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                shared = SharedResources()
+                stack.push_async_exit(shared.stack)  # closed after every stage's own resources
+                source = await self._open_source(stack, shared)
+                await self._open_stages(stack, shared)
+                from ._progress import open_progress
+
+                await stack.enter_async_context(open_progress(self))
+                # The flow runs in its own task so that the end of the grace period can cancel
+                # it without cancelling the clean-up that follows.
+                self._flow_task = asyncio.create_task(self._flow(source), name="pipeline-flow")
+                try:
+                    await self._flow_task
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if not self._grace_expired or (me is not None and me.cancelling()):
+                        raise
+        except Exception as exc:  # recorded in the report, then re-raised
+            error = _unwrap(exc)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self.dead.close()
+            await _shutdown_executor(self.executor)
+            loop.set_default_executor(concurrent.futures.ThreadPoolExecutor())
+        report = self._report(started_at, error)
+        for path in (self.run_dir / "report.json" if self.run_dir else None, self.report_path):
+            if path is not None:
+                report.write(path)
+        self.last_report = report
+        if error is not None:
+            raise error
+        return report
+
+    async def _open_source(self, stack: contextlib.AsyncExitStack, shared: SharedResources) -> Any:
+        spec = self.pipeline.source
+        if is_factory(spec.fn):
+            ctx = self._context("source", None, shared)
+            return await stack.enter_async_context(spec.fn(ctx, **spec.options))
+        return spec.fn(**spec.options)
+
+    async def _open_stages(self, stack: contextlib.AsyncExitStack, shared: SharedResources) -> None:
+        p = self.pipeline
+        self.queues = [asyncio.Queue(maxsize=s.queue_size or p.queue_size) for s in p.stages]
+        for i, spec in enumerate(p.stages):
+            limiter = CapacityLimiter(spec.concurrency, name=f"stage {spec.name!r}")
+            fn: Callable[..., Any] = spec.fn
+            pause_box: list[_StageRun] = []  # the stage's run exists only once its callable does
+
+            def pause(seconds: float, box: list[_StageRun] = pause_box) -> None:
+                box[0].pause(seconds)
+
+            if is_factory(fn):
+                ctx = self._context(spec.name, limiter, shared, pause)
+                fn = await stack.enter_async_context(spec.fn(ctx, **spec.options))
+                if not callable(fn):
+                    raise ConfigError(
+                        f"stage {spec.name!r}: factory {_describe(spec.fn)} yielded {fn!r}, "
+                        "which is not callable; yield the per-item stage function"
+                    )
+                kind = stage_kind(fn)
+                spec.check_kind(kind)
+            else:
+                kind = stage_kind(fn)
+                if spec.options:
+                    import functools
+
+                    fn = functools.partial(fn, **spec.options)
+            outq = self.queues[i + 1] if i + 1 < len(self.queues) else None
+            run = _StageRun(self, spec, fn, kind, limiter, self.queues[i], outq)
+            pause_box.append(run)
+            self.stages.append(run)
+
+    def _context(
+        self,
+        stage: str,
+        limiter: CapacityLimiter | None,
+        shared: SharedResources,
+        pause: Callable[[float], None] | None = None,
+    ) -> Context:
+        return Context(
+            pipeline=self.pipeline.name,
+            run_id=self.run_id,
+            stage=stage,
+            limiter=limiter,
+            databases=self._databases,
+            shared=shared,
+            pause=pause,
+        )
+
+    async def _flow(self, source: Any) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for stage in self.stages:
+                stage.start(tg)
+            self._feeder = tg.create_task(self._feed(source), name="pipeline-source")
+
+    async def _feed(self, source: Any) -> None:
+        q = self.queues[0]
+        key_field = self.pipeline.source.key
+        limit = self.limit
+        async with contextlib.aclosing(self._rows(source)) as rows:
+            async for row in rows:
+                if not isinstance(row, dict):
+                    raise SourceError(
+                        f"the source yielded {type(row).__name__}, expected a dict per item "
+                        f"({_describe(self.pipeline.source.fn)})"
+                    )
+                ticket = _Ticket(row.get(key_field))
+                self.read += 1
+                self._open.add(ticket)
+                if key_field not in row:
+                    self.fail(
+                        ticket,
+                        "source",
+                        SourceError(
+                            f"the source row has no {key_field!r} field, which is the configured key; "
+                            f"its fields are {sorted(row)!r}"
+                        ),
+                        1,
+                    )
+                elif q.full():
+                    await q.put((row, ticket))
+                else:
+                    q.put_nowait((row, ticket))
+                if (limit is not None and self.read >= limit) or self._stopping.is_set():
+                    break
+        # Not in a finally: after an error the consumers are being cancelled, and a put into a
+        # full queue would wait for them forever.
+        self._feeder = None
+        await q.put(_END)
+
+    async def _rows(self, source: Any) -> AsyncGenerator[Any, None]:
+        """Yield the source's rows, reading a plain iterator in the thread pool in batches."""
+        if self.limit == 0:
+            return
+        if hasattr(source, "__aiter__"):
+            it = source.__aiter__()
+            try:
+                while True:
+                    self._feeding_source = True
+                    try:
+                        row = await it.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        if self._stopping.is_set() and not self._grace_expired:
+                            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                            return
+                        raise
+                    except Exception as exc:
+                        raise SourceError(f"the source failed: {type(exc).__name__}: {exc}") from exc
+                    finally:
+                        self._feeding_source = False
+                    yield row
+            finally:
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            return
+        try:
+            it = iter(source)
+        except TypeError:
+            raise SourceError(
+                f"the source returned {type(source).__name__}, which is not iterable; return or yield dicts"
+            ) from None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                batch = await loop.run_in_executor(self.executor, _take, it, _SOURCE_BATCH)
+                for row in batch:
+                    yield row
+                if len(batch) < _SOURCE_BATCH:
+                    return
+        except Exception as exc:
+            if isinstance(exc, PipelineError):
+                raise
+            raise SourceError(f"the source failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop reading the source; in-flight items get the grace period to finish.
+
+        A second request cancels what is left at once.
+        """
+        loop = asyncio.get_running_loop()
+        if self._stop_signal is not None:
+            log.warning("second stop request: cancelling in-flight items now")
+            self._expire_grace()
+            return
+        self._stop_signal = signum
+        self._stopping.set()
+        grace = self.pipeline.grace_period
+        log.warning(
+            "received %s: no more items will be read; %d in flight get %.0fs to finish",
+            signal.Signals(signum).name,
+            len(self._open),
+            grace,
+        )
+        feeder = self._feeder
+        if feeder is not None and self._feeding_source:
+            feeder.cancel()  # waiting on the source: stop waiting. (Never while it holds a row.)
+        loop.call_later(grace, self._expire_grace)
+
+    def _expire_grace(self) -> None:
+        if self._flow_task is not None and not self._flow_task.done() and not self._grace_expired:
+            self._grace_expired = True
+            log.warning("grace period over: cancelling %d unfinished items", len(self._open))
+            self._flow_task.cancel()
+
+    def _report(self, started_at: str, error: BaseException | None) -> RunReport:
+        wall = time.perf_counter() - self.started
+        unfinished = len(self._open)
+        stages = [s.report(wall) for s in self.stages]
+        if error is not None:
+            status, code = "failed", 1
+        elif self._stop_signal is not None:
+            status, code = "interrupted", 128 + self._stop_signal
+        elif self.failed > self.pipeline.max_failures:
+            status, code = "failed", 1
+        else:
+            status, code = "ok", 0
+        message = None
+        if error is not None:
+            message = f"{type(error).__name__}: {error}"
+        elif status == "failed":
+            message = (
+                f"{self.failed} items failed, more than max_failures = {self.pipeline.max_failures}; "
+                f"see {self.dead.path}"
+            )
+        return RunReport(
+            pipeline=self.pipeline.name,
+            run_id=self.run_id,
+            status=status,
+            exit_code=code,
+            wall_s=round(wall, 4),
+            items=ItemCounts(self.read, self.ok, self.failed, self.skipped, unfinished),
+            stages=stages,
+            bottleneck=_bottleneck(stages),
+            unfinished_keys=sorted((t.key for t in self._open), key=repr),
+            error=message,
+            dead_letters=str(self.dead.path) if self.dead.count and self.dead.path else None,
+            started_at=started_at,
+        )
+
+
+def _take(it: Iterator[Any], n: int) -> list[Any]:
+    out = []
+    for row in it:
+        out.append(row)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _bottleneck(stages: list[StageReport]) -> dict[str, Any] | None:
+    """The stage that limited the run: the busiest one, with blocked time as tie-breaker."""
+    if not stages:
+        return None
+    top = max(stages, key=lambda s: (s.busy_ratio, -s.blocked_s))
+    return {
+        "stage": top.name,
+        "reason": (
+            f"busiest stage: {top.busy_ratio:.0%} of its {top.concurrency} slots in use; "
+            f"raise its concurrency if its downstream can take more"
+        ),
+        "busy_ratio": top.busy_ratio,
+    }
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """A TaskGroup wraps errors in a group; the operator wants the one that happened."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _shutdown_executor(executor: concurrent.futures.ThreadPoolExecutor) -> None:
+    """Join every worker thread without blocking the loop (as asyncio.run does for its own)."""
+    done = asyncio.get_running_loop().create_future()
+
+    def join() -> None:
+        try:
+            executor.shutdown(wait=True)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop may be closing
+                done.get_loop().call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=join, name="pipeline-executor-shutdown").start()
+    await asyncio.shield(done)
