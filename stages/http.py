@@ -1,0 +1,421 @@
+"""HTTP stages: :func:`download` fetches ``item["url"]`` with ``requests``, in the thread pool.
+
+Errors are sorted at one boundary (:func:`_translate` and the status checks in ``fetch``):
+
+* connection errors, timeouts, truncated bodies, 5xx and 429 raise
+  :class:`~pipeline.TransientError` (chained), which the engine retries;
+* 429 or 503 with a usable ``Retry-After`` raise :class:`~pipeline.RetryAfter`, which pauses
+  the whole stage before the retry;
+* everything else (a bad or refused URL, another 4xx, a body over ``max_bytes``, too many
+  redirects, a TLS failure) raises :class:`DownloadError`, which fails the item for good.
+
+URLs in messages never carry userinfo (``user:password@``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import http
+import math
+import threading
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+
+import requests
+import requests.adapters
+from urllib3.util.retry import Retry as _Urllib3Retry
+
+from pipeline import ConfigError, Context, Item, RetryAfter, TransientError, factory
+
+__all__ = ["DEFAULT_USER_AGENT", "DownloadError", "download"]
+
+DEFAULT_USER_AGENT = f"pipeline-download/0.1 python-requests/{requests.__version__}"
+"""The ``User-Agent`` sent unless the stage sets ``user_agent``."""
+
+_CHUNK = 64 * 1024
+# Error answers up to this size are read to the end so their connection goes back to the pool;
+# larger ones are dropped with their connection.
+_DRAIN_LIMIT = 64 * 1024
+_SCHEMES = ("http", "https")
+
+
+class DownloadError(Exception):
+    """The download failed in a way a retry will not fix; the item is dead-lettered.
+
+    Attributes:
+        url: The URL, without userinfo.
+        status: The HTTP status, when the server answered.
+    """
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None):
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+
+def _redact(url: str) -> str:
+    """Return ``url`` without its userinfo (``user:password@``), for messages and logs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def _retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds asked for by a ``Retry-After`` value (delta-seconds or an HTTP date).
+
+    Returns ``None`` when the value is missing or unusable; a date in the past gives 0.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # RFC 9110 dates are GMT; a zoneless one is not an HTTP date
+    return max(0.0, when.timestamp() - now)
+
+
+def _status_text(response: requests.Response) -> str:
+    try:
+        phrase = http.HTTPStatus(response.status_code).phrase
+    except ValueError:
+        phrase = response.reason or ""
+    return f"{response.status_code} {phrase}".rstrip()
+
+
+class _HostCheck:
+    """The scheme and host rules, applied to the first URL and to every redirect target."""
+
+    def __init__(self, allowed_hosts: list[str] | None) -> None:
+        self._exact: frozenset[str] | None = None
+        self._suffixes: tuple[str, ...] = ()
+        if allowed_hosts is not None:
+            hosts = [h.strip().lower().rstrip(".") for h in allowed_hosts]
+            self._exact = frozenset(h for h in hosts if not h.startswith("*."))
+            self._suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+
+    def __call__(self, url: str, *, what: str) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = (parts.hostname or "").rstrip(".")
+        except ValueError as exc:
+            raise DownloadError(
+                f"{what} {_redact(url)!r} is not a valid URL ({exc}); fix the URL", url=_redact(url)
+            ) from exc
+        if parts.scheme.lower() not in _SCHEMES:
+            scheme = parts.scheme or "no scheme"
+            raise DownloadError(
+                f"{what} {_redact(url)!r} has {scheme!r}: only http and https URLs are downloaded; "
+                "fix the URL",
+                url=_redact(url),
+            )
+        if not host:
+            raise DownloadError(f"{what} {_redact(url)!r} has no host; fix the URL", url=_redact(url))
+        if self._exact is not None and host not in self._exact and not host.endswith(self._suffixes):
+            raise DownloadError(
+                f"{what} {_redact(url)!r} is on host {host!r}, which is not in allowed_hosts; "
+                "add it to the stage's allowed_hosts or fix the URL",
+                url=_redact(url),
+            )
+
+
+class _GuardedSession(requests.Session):
+    """A session that checks each redirect target before following it (not after the fact)."""
+
+    def __init__(self, check: _HostCheck) -> None:
+        super().__init__()
+        self._check = check
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target is not None:
+            try:
+                self._check(
+                    urllib.parse.urljoin(resp.url, target), what=f"redirect from {_redact(resp.url)!r} to"
+                )
+            except DownloadError:
+                resp.close()
+                raise
+        return target
+
+
+class _Sessions:
+    """One session per worker thread (a ``requests.Session`` is not thread-safe), all closed at the end."""
+
+    def __init__(self, make: Callable[[], requests.Session]) -> None:
+        self._make = make
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[requests.Session] = []
+        self._closed = False
+
+    def get(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._make()
+            with self._lock:
+                if self._closed:
+                    session.close()
+                    raise RuntimeError("the download stage was called after it was closed")
+                self._all.append(session)
+            self._local.session = session
+        return session
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._all)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sessions, self._all = self._all, []
+        for session in sessions:
+            session.close()
+
+
+def _check_options(
+    *,
+    url_field: str,
+    connect_timeout: float,
+    read_timeout: float,
+    max_bytes: int,
+    allowed_hosts: list[str] | None,
+    max_redirects: int,
+    max_retry_after: float,
+) -> None:
+    if not isinstance(url_field, str) or not url_field:
+        raise ConfigError(f"download: url_field must be a non-empty field name, got {url_field!r}")
+    for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
+        if not value > 0:
+            raise ConfigError(f"download: {name} must be > 0 seconds, got {value!r}")
+    if max_bytes < 1:
+        raise ConfigError(f"download: max_bytes must be >= 1, got {max_bytes!r}")
+    if max_redirects < 0:
+        raise ConfigError(f"download: max_redirects must be >= 0, got {max_redirects!r}")
+    if not max_retry_after >= 0:
+        raise ConfigError(f"download: max_retry_after must be >= 0 seconds, got {max_retry_after!r}")
+    if allowed_hosts is not None:
+        if not allowed_hosts:
+            raise ConfigError(
+                "download: allowed_hosts is an empty list, which refuses every URL; "
+                "list the hosts to allow, or remove the option to allow any host"
+            )
+        bad = [h for h in allowed_hosts if not isinstance(h, str) or not h.strip()]
+        if bad:
+            raise ConfigError(f"download: allowed_hosts must hold host names, got {bad[0]!r}")
+
+
+def _drain(response: requests.Response) -> None:
+    """Read a small error body to its end, so the connection is reused rather than dropped."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) <= _DRAIN_LIMIT:
+        with contextlib.suppress(requests.RequestException):
+            response.content  # noqa: B018 - reading it is the point
+
+
+def _translate(
+    exc: requests.RequestException, url: str, *, connect_timeout: float, read_timeout: float
+) -> Exception:
+    """Map a ``requests`` error to TransientError (retry) or DownloadError (give up)."""
+    shown = _redact(url)
+    if isinstance(exc, requests.TooManyRedirects):
+        return DownloadError(f"GET {shown} {exc}; raise max_redirects or fix the URL", url=shown)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return DownloadError(
+            f"GET {shown} failed TLS verification or handshake ({exc.__class__.__name__}); "
+            "fix the server's certificate or the URL",
+            url=shown,
+        )
+    if isinstance(exc, requests.ConnectTimeout):
+        return TransientError(f"GET {shown} could not connect within {connect_timeout:g}s (connect_timeout)")
+    if isinstance(exc, requests.ReadTimeout):
+        return TransientError(f"GET {shown} got no data for {read_timeout:g}s (read_timeout)")
+    if isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
+        # ChunkedEncodingError is also what a body cut short of its Content-Length becomes.
+        return TransientError(f"GET {shown} lost the connection ({exc.__class__.__name__}: {exc})")
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema):
+        return DownloadError(f"GET {shown} is not a URL requests can fetch ({exc}); fix the URL", url=shown)
+    return DownloadError(f"GET {shown} failed ({exc.__class__.__name__}: {exc})", url=shown)
+
+
+@factory
+@contextlib.asynccontextmanager
+async def download(
+    ctx: Context,
+    *,
+    url_field: str = "url",
+    connect_timeout: float = 5.0,
+    read_timeout: float = 30.0,
+    max_bytes: int = 50_000_000,
+    allowed_hosts: list[str] | None = None,
+    max_redirects: int = 5,
+    max_retry_after: float = 300.0,
+    headers: dict[str, str] | None = None,
+    user_agent: str = DEFAULT_USER_AGENT,
+    trust_env: bool = True,
+) -> AsyncIterator[Callable[[Item], Item]]:
+    """Download ``item[url_field]``; a blocking stage, run in the engine's thread pool.
+
+    Adds to the item: ``body`` (bytes), ``content_type`` (the media type, lower case, without
+    parameters; ``""`` if absent), ``http_status``, ``bytes`` (``len(body)``) and ``sha256``
+    (hex digest of ``body``). The body is stored as received (after any ``Content-Encoding``
+    is undone); checking that it is an image is the image stage's job.
+
+    Each worker thread has its own ``requests.Session``, whose pool holds up to the stage's
+    cap (``ctx.limiter.total``) connections, so keep-alive connections are reused and never
+    discarded as "pool full". urllib3 does not retry: the engine does, per the stage's
+    ``retry`` policy. All sessions are closed when the stage closes.
+
+    Args:
+        ctx: The engine's context.
+        url_field: The item field holding the URL.
+        connect_timeout: Seconds to wait for a connection.
+        read_timeout: Seconds to wait for each read from the socket (not for the whole body:
+            the stage's ``timeout`` bounds that).
+        max_bytes: Largest body accepted; a larger one fails the item for good.
+        allowed_hosts: If given, only these hosts (and the targets of their redirects) are
+            fetched; ``"*.example.com"`` allows any subdomain of ``example.com``.
+        max_redirects: Redirects followed before the item fails.
+        max_retry_after: The longest ``Retry-After`` honoured, in seconds; longer asks are cut
+            to this.
+        headers: Extra request headers; they override ``user_agent``.
+        user_agent: The ``User-Agent`` header.
+        trust_env: Take proxies and ``.netrc`` credentials from the environment, as
+            ``requests`` does by default.
+
+    Yields:
+        ``fetch(item) -> item``, a plain function.
+
+    Raises:
+        ConfigError: An option is out of range.
+    """
+    _check_options(
+        url_field=url_field,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_bytes=max_bytes,
+        allowed_hosts=allowed_hosts,
+        max_redirects=max_redirects,
+        max_retry_after=max_retry_after,
+    )
+    check = _HostCheck(allowed_hosts)
+    pool_size = ctx.limiter.total if ctx.limiter is not None else requests.adapters.DEFAULT_POOLSIZE
+    request_headers = {"User-Agent": user_agent, **(headers or {})}
+    timeout = (connect_timeout, read_timeout)
+
+    def make_session() -> requests.Session:
+        session = _GuardedSession(check)
+        session.max_redirects = max_redirects
+        session.trust_env = trust_env
+        session.headers.update(request_headers)
+        # total=0, read=False: urllib3 never retries or re-sends on its own; the engine does.
+        adapter = requests.adapters.HTTPAdapter(
+            pool_maxsize=pool_size, max_retries=_Urllib3Retry(total=0, read=False, redirect=False)
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    sessions = _Sessions(make_session)
+
+    def fetch(item: Item) -> Item:
+        """Download one item's URL and return the item with the body and its facts added."""
+        url = item.get(url_field)
+        if not isinstance(url, str) or not url.strip():
+            raise DownloadError(
+                f"field {url_field!r} must hold a URL string, got {url!r}; fix the source row "
+                "or set the stage's url_field option"
+            )
+        url = url.strip()
+        shown = _redact(url)
+        check(url, what="URL")
+        try:
+            response = sessions.get().get(url, timeout=timeout, stream=True)
+        except requests.RequestException as exc:
+            raise _translate(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout) from exc
+        with response:
+            status = response.status_code
+            if status >= 300:
+                _drain(response)
+                _raise_for_status(response, shown, max_retry_after)
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise DownloadError(
+                    f"GET {shown} announces {int(length)} bytes, larger than max_bytes={max_bytes}; "
+                    "raise max_bytes or skip this URL",
+                    url=shown,
+                    status=status,
+                )
+            digest = hashlib.sha256()
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                for chunk in response.iter_content(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise DownloadError(
+                            f"GET {shown} sent more than {max_bytes} bytes, larger than "
+                            f"max_bytes={max_bytes}; raise max_bytes or skip this URL",
+                            url=shown,
+                            status=status,
+                        )
+                    digest.update(chunk)
+                    chunks.append(chunk)
+            except requests.RequestException as exc:
+                raise _translate(
+                    exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
+                ) from exc
+            content_type = response.headers.get("Content-Type", "")
+        body = b"".join(chunks)
+        return {
+            **item,
+            "body": body,
+            "content_type": content_type.split(";", 1)[0].strip().lower(),
+            "http_status": status,
+            "bytes": size,
+            "sha256": digest.hexdigest(),
+        }
+
+    try:
+        yield fetch
+    finally:
+        sessions.close()
+
+
+def _raise_for_status(response: requests.Response, shown: str, max_retry_after: float) -> None:
+    """Raise the right error for an answer that is not 2xx (redirects are already followed)."""
+    status = response.status_code
+    said = _status_text(response)
+    if status in (429, 503):
+        raw = response.headers.get("Retry-After")
+        delay = _retry_after_seconds(raw, time.time())
+        if delay is not None:
+            delay = min(delay, max_retry_after)
+            raise RetryAfter(
+                delay, f"GET {shown} answered {said} with Retry-After {raw!r}; pausing the stage {delay:g}s"
+            )
+    if status == 429 or status >= 500:
+        raise TransientError(f"GET {shown} answered {said}")
+    if 300 <= status < 400:
+        raise DownloadError(
+            f"GET {shown} answered {said} without a usable Location; fix the URL", url=shown, status=status
+        )
+    raise DownloadError(
+        f"GET {shown} answered {said}; the URL is wrong or gone, fix or drop it", url=shown, status=status
+    )

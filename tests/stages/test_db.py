@@ -1,0 +1,686 @@
+"""Tests for stages.db on a real SQLite file and a real private MariaDB server.
+
+Tests taking the ``backend`` fixture run once per kind of database; the MariaDB run carries the
+``mysql`` mark. Factories are entered by hand with a hand-built Context, so these tests do not
+depend on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import socket
+import sqlite3
+import traceback
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pymysql
+import pytest
+
+from pipeline import CapacityLimiter, ConfigError, Context, DatabaseHandle, Skip, TransientError
+from pipeline._contract import SharedResources
+from stages.db import (
+    DatabaseError,
+    RowNotFoundError,
+    _keyset_queries,
+    _SQLiteDatabase,
+    _Target,
+    _translate_sql,
+    execute_script,
+    lookup,
+    read_rows,
+    redact,
+    shared_database,
+    write_results,
+)
+from tests.fixtures.mariadb import MariaDB
+
+WRONG_PASSWORD = "wrong-pw-SECRET-123"
+
+CATALOG_DDL = "CREATE TABLE catalog (id INTEGER PRIMARY KEY, url VARCHAR(255) NOT NULL, name VARCHAR(255))"
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@dataclass
+class Backend:
+    """One real database: its DSN for the stages and a plain sync connection for set-up and checks."""
+
+    kind: Literal["sqlite", "mysql"]
+    dsn: str
+    _connect: Callable[[], Any]
+    server: MariaDB | None = None
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        conn = self._connect()
+        try:
+            cur = conn.cursor()
+            yield cur
+            conn.commit()
+        finally:
+            conn.close()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.kind == "mysql" else sql
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (``?`` placeholders) and return its rows."""
+        with self._cursor() as cur:
+            cur.execute(self._sql(sql), tuple(params))
+            return list(cur.fetchall())
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement once per row."""
+        with self._cursor() as cur:
+            cur.executemany(self._sql(sql), [tuple(r) for r in rows])
+
+    def seed_catalog(self, ids: Sequence[int]) -> None:
+        """Create ``catalog`` with one row per id, inserted in the given order."""
+        self.run(CATALOG_DDL)
+        self.run_many(
+            "INSERT INTO catalog (id, url, name) VALUES (?, ?, ?)",
+            [(i, f"https://img.example/{i}.jpg", f"image {i}") for i in ids],
+        )
+
+
+def _sqlite_backend(path: Path) -> Backend:
+    return Backend("sqlite", f"sqlite:///{path}", lambda: sqlite3.connect(path))
+
+
+def _mysql_backend(server: MariaDB) -> Backend:
+    def connect() -> Any:
+        return pymysql.connect(
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            database=server.database,
+            autocommit=True,
+        )
+
+    return Backend("mysql", server.dsn(), connect, server)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """A fresh database of each kind; MariaDB gets its password from the environment."""
+    if request.param == "sqlite":
+        return _sqlite_backend(tmp_path / "catalog.db")
+    server: MariaDB = request.getfixturevalue("mysql_db")
+    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", server.password)
+    return _mysql_backend(server)
+
+
+@pytest.fixture
+def mysql_backend(mysql_db: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """The MariaDB backend alone, for server-side checks."""
+    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", mysql_db.password)
+    return _mysql_backend(mysql_db)
+
+
+class Harness:
+    """What the engine would provide: configured databases and the run's shared resources."""
+
+    def __init__(self) -> None:
+        self.shared = SharedResources()
+        self.databases: dict[str, DatabaseHandle] = {}
+
+    def add(self, dsn: str, *, name: str = "catalog", concurrency: int = 4, **options: Any) -> DatabaseHandle:
+        handle = DatabaseHandle(
+            name=name, dsn=dsn, limiter=CapacityLimiter(concurrency, name=f"db:{name}"), options=options
+        )
+        self.databases[name] = handle
+        return handle
+
+    def ctx(self, stage: str = "stage") -> Context:
+        return Context(
+            pipeline="test",
+            run_id="run-1",
+            stage=stage,
+            limiter=CapacityLimiter(8),
+            databases=self.databases,
+            shared=self.shared,
+        )
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    """A Harness whose shared resources (the pools) are closed after the test."""
+    h = Harness()
+    try:
+        yield h
+    finally:
+        await h.shared.stack.aclose()
+
+
+async def _collect(ctx: Context, **options: Any) -> list[dict[str, Any]]:
+    async with read_rows(ctx, database="catalog", **options) as rows:
+        return [row async for row in rows]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _admin(backend: Backend) -> Any:
+    assert backend.server is not None
+    return backend.server.admin()
+
+
+def _status(conn: Any, name: str) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
+        return int(cur.fetchone()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# DSNs and SQL text
+
+
+@pytest.mark.parametrize(
+    ("dsn", "expected"),
+    [
+        ("mysql://u:pw@db.local:3306/cat", "mysql://u:***@db.local:3306/cat"),
+        ("mysql://u@db.local/cat", "mysql://u@db.local/cat"),
+        ("mysql://u:p@ss/w0rd@db.local/cat", "mysql://u:***@db.local/cat"),
+        ("mysql://u@h/cat?password=pw&unix_socket=/s", "mysql://u@h/cat?password=***&unix_socket=/s"),
+        ("sqlite:////var/lib/catalog.db", "sqlite:////var/lib/catalog.db"),
+    ],
+)
+def test_redact_hides_the_password_and_nothing_else(dsn: str, expected: str) -> None:
+    """redact() replaces any password, even one with unescaped / and @, by *** and keeps the rest."""
+    assert redact(dsn) == expected
+
+
+def test_translate_sql_turns_placeholders_into_pymysql_form_outside_literals() -> None:
+    """For MySQL, ? becomes %s and % becomes %%, but a ? inside a string literal is left alone."""
+    sql = 'SELECT * FROM t WHERE a = ? AND b LIKE \'x%?\' AND c = "it\\"s?" -- why?\n AND d = ?'
+    text, count = _translate_sql(sql, "mysql")
+    assert count == 2
+    assert text == 'SELECT * FROM t WHERE a = %s AND b LIKE \'x%%?\' AND c = "it\\"s?" -- why?\n AND d = %s'
+    assert _translate_sql(sql, "sqlite") == (sql, 2)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (pymysql.err.OperationalError(2003, "Can't connect to MySQL server"), True),
+        (pymysql.err.OperationalError(2013, "Lost connection to server during query"), True),
+        (pymysql.err.OperationalError(1040, "Too many connections"), True),
+        (pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"), True),
+        (pymysql.err.OperationalError(1213, "Deadlock found"), True),
+        (pymysql.err.InterfaceError(0, ""), True),
+        (sqlite3.OperationalError("database is locked"), True),
+        (ConnectionResetError("reset by peer"), True),
+        (pymysql.err.OperationalError(1045, "Access denied for user 'u'"), False),
+        (pymysql.err.ProgrammingError(1146, "Table 'x' doesn't exist"), False),
+        (pymysql.err.IntegrityError(1062, "Duplicate entry"), False),
+        (sqlite3.OperationalError("no such table: x"), False),
+    ],
+)
+async def test_driver_errors_are_classified_as_transient_or_permanent(
+    error: Exception, transient: bool
+) -> None:
+    """Connection, lock and deadlock errors become TransientError; the rest a DatabaseError."""
+    target = _Target(dialect="sqlite", redacted="sqlite:///x.db", path="x.db")
+    db = _SQLiteDatabase("catalog", target, CapacityLimiter(1), size=1, busy_timeout=0)
+    translated = db._translate(error, "testing")
+    assert isinstance(translated, TransientError if transient else DatabaseError)
+    assert "'catalog'" in str(translated)
+
+
+# --------------------------------------------------------------------------------------------
+# read_rows
+
+
+async def test_read_rows_yields_every_row_once_in_key_order_across_chunks(
+    backend: Backend, harness: Harness
+) -> None:
+    """2503 rows inserted in random order come out once each, in key order, 100 per chunk."""
+    ids = list(range(1, 2504))
+    random.Random(7).shuffle(ids)
+    backend.seed_catalog(ids)
+    harness.add(backend.dsn)
+    rows = await _collect(harness.ctx("source"), query="SELECT id, url FROM catalog", chunk_size=100)
+    assert [row["id"] for row in rows] == list(range(1, 2504))
+    assert rows[0] == {"id": 1, "url": "https://img.example/1.jpg"}
+
+
+async def test_read_rows_stops_cleanly_when_the_last_chunk_is_exactly_full(
+    backend: Backend, harness: Harness
+) -> None:
+    """A row count that is a multiple of chunk_size ends after one empty chunk, with no row twice."""
+    backend.seed_catalog(range(1, 201))
+    harness.add(backend.dsn)
+    rows = await _collect(harness.ctx("source"), query="SELECT * FROM catalog", chunk_size=100)
+    assert [row["id"] for row in rows] == list(range(1, 201))
+
+
+async def test_read_rows_keeps_percent_signs_and_literal_question_marks(
+    backend: Backend, harness: Harness
+) -> None:
+    """A query with % in a LIKE and a '?' literal runs unchanged (no placeholder confusion)."""
+    backend.seed_catalog(range(1, 40))
+    harness.add(backend.dsn)
+    query = "SELECT id, name FROM catalog WHERE url LIKE '%/1%' AND name <> '?' -- any?"
+    rows = await _collect(harness.ctx("source"), query=query, chunk_size=4)
+    assert [row["id"] for row in rows] == [1, *range(10, 20)]
+
+
+async def test_read_rows_holds_the_limiter_only_while_fetching_a_chunk(
+    backend: Backend, harness: Harness
+) -> None:
+    """Between chunks the database's limiter is free, so a slow consumer blocks no other stage."""
+    backend.seed_catalog(range(1, 26))
+    handle = harness.add(backend.dsn, concurrency=1)
+    async with read_rows(
+        harness.ctx("source"), database="catalog", query="SELECT * FROM catalog", chunk_size=10
+    ) as rows:
+        borrowed = [handle.limiter.borrowed async for _ in rows]
+    assert borrowed == [0] * 25
+    assert handle.limiter.statistics().max_borrowed == 1
+
+
+async def test_read_rows_refuses_a_key_column_that_is_not_an_identifier(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """key_column is spliced into SQL, so anything but a plain identifier is a ConfigError."""
+    harness.add(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ConfigError, match="key_column must be a plain SQL identifier"):
+        await _collect(harness.ctx("source"), query="SELECT 1 AS id", key_column="id; DROP TABLE catalog")
+
+
+async def test_read_rows_opens_a_relative_sqlite_path_from_the_working_directory(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite:///rel.db names rel.db in the current directory."""
+    _sqlite_backend(tmp_path / "rel.db").seed_catalog([3, 1, 2])
+    monkeypatch.chdir(tmp_path)
+    harness.add("sqlite:///rel.db")
+    rows = await _collect(harness.ctx("source"), query="SELECT id FROM catalog")
+    assert rows == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+def test_sqlite_chunk_query_seeks_by_primary_key(tmp_path: Path) -> None:
+    """SQLite plans the next-chunk query as an index seek, so chunk N costs the same as chunk 1."""
+    backend = _sqlite_backend(tmp_path / "plan.db")
+    backend.seed_catalog(range(1, 100))
+    _, following = _keyset_queries("sqlite", "SELECT id, url FROM catalog", "id")
+    plan = " ".join(str(row[-1]) for row in backend.run("EXPLAIN QUERY PLAN " + following, (5, 10)))
+    assert "PRIMARY KEY" in plan, plan
+    assert "SCAN" not in plan.replace("SCAN q", ""), plan
+
+
+@pytest.mark.mysql
+def test_mysql_chunk_query_seeks_by_primary_key(mysql_backend: Backend) -> None:
+    """MariaDB merges the wrapped query and reads a PRIMARY range, not the whole table."""
+    mysql_backend.seed_catalog(range(1, 2000))
+    _, following = _keyset_queries("mysql", "SELECT id, url FROM catalog", "id")
+    text, _ = _translate_sql(following, "mysql")
+    with contextlib.closing(mysql_backend._connect()) as conn, conn.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute("EXPLAIN " + text, (1500, 100))
+        plan = cur.fetchall()
+    assert [(row["type"], row["key"]) for row in plan] == [("range", "PRIMARY")], plan
+
+
+async def test_read_rows_streams_100k_rows_in_bounded_memory(harness: Harness, tmp_path: Path) -> None:
+    """Streaming 100k SQLite rows at 1000 per chunk peaks far below holding all the rows."""
+    path = tmp_path / "big.db"
+    backend = _sqlite_backend(path)
+    backend.seed_catalog(range(1, 100_001))
+    harness.add(f"sqlite:///{path}")
+
+    tracemalloc.start()
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.row_factory = sqlite3.Row
+            everything = [dict(row) for row in conn.execute("SELECT * FROM catalog")]
+        all_rows_bytes = tracemalloc.get_traced_memory()[0]
+        del everything
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        count = 0
+        async with read_rows(
+            harness.ctx("source"), database="catalog", query="SELECT * FROM catalog"
+        ) as rows:
+            async for _ in rows:
+                count += 1
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert count == 100_000
+    print(f"all rows: {all_rows_bytes / 1e6:.1f} MB, streaming peak: {peak / 1e6:.2f} MB")
+    assert peak < all_rows_bytes / 10
+
+
+# --------------------------------------------------------------------------------------------
+# lookup
+
+
+async def test_lookup_adds_the_first_rows_columns_to_the_item(backend: Backend, harness: Harness) -> None:
+    """The matching row's columns are added to the item, other fields kept."""
+    backend.seed_catalog([1, 2, 3])
+    harness.add(backend.dsn)
+    async with lookup(
+        harness.ctx(), database="catalog", query="SELECT url, name FROM catalog WHERE id = ?", params=["ref"]
+    ) as fn:
+        item = await fn({"id": "a", "ref": 2})
+    assert item == {"id": "a", "ref": 2, "url": "https://img.example/2.jpg", "name": "image 2"}
+
+
+@pytest.mark.parametrize("missing", ["fail", "skip", "keep"])
+async def test_lookup_without_a_row_follows_the_missing_policy(
+    backend: Backend, harness: Harness, missing: Literal["fail", "skip", "keep"]
+) -> None:
+    """No row: 'fail' raises RowNotFoundError, 'skip' raises Skip, 'keep' returns the item as is."""
+    backend.seed_catalog([1])
+    harness.add(backend.dsn)
+    query = "SELECT url FROM catalog WHERE id = ?"
+    async with lookup(harness.ctx(), database="catalog", query=query, params=["id"], missing=missing) as fn:
+        if missing == "fail":
+            with pytest.raises(RowNotFoundError, match="id=404"):
+                await fn({"id": 404})
+        elif missing == "skip":
+            with pytest.raises(Skip):
+                await fn({"id": 404})
+        else:
+            assert await fn({"id": 404}) == {"id": 404}
+
+
+async def test_lookup_refuses_params_that_do_not_match_the_placeholders(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Two placeholders and one param name is a ConfigError before any item runs."""
+    harness.add(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ConfigError, match="2 \\? placeholders"):
+        async with lookup(harness.ctx(), database="catalog", query="SELECT ? + ?", params=["id"]):
+            pass
+
+
+async def test_lookup_with_bad_sql_fails_permanently_and_the_pool_recovers(
+    backend: Backend, harness: Harness
+) -> None:
+    """A query on a missing table raises DatabaseError naming the database; later calls still work."""
+    backend.seed_catalog([1])
+    harness.add(backend.dsn, concurrency=1)
+    ctx = harness.ctx()
+    async with lookup(
+        ctx, database="catalog", query="SELECT * FROM nowhere WHERE id = ?", params=["id"]
+    ) as bad:
+        with pytest.raises(DatabaseError, match="database 'catalog'") as info:
+            await bad({"id": 1})
+    assert not isinstance(info.value, TransientError)
+    async with lookup(
+        ctx, database="catalog", query="SELECT url FROM catalog WHERE id = ?", params=["id"]
+    ) as good:
+        assert (await good({"id": 1}))["url"] == "https://img.example/1.jpg"
+
+
+# --------------------------------------------------------------------------------------------
+# write_results
+
+
+async def test_write_results_upserts_one_row_per_key(backend: Backend, harness: Harness) -> None:
+    """Writing the same key twice leaves one row holding the second write's values."""
+    harness.add(backend.dsn)
+    item = {"id": 7, "outputs": ["a/7.webp"], "width": 10, "height": 20, "bytes": 300, "sha256": "ab" * 32}
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        assert await write(dict(item)) == item
+        await write({**item, "outputs": ["b/7.webp"], "width": 11})
+    rows = backend.run(
+        "SELECT `key`, status, outputs, width, height, bytes, sha256, error, run_id FROM results"
+        if backend.kind == "mysql"
+        else 'SELECT "key", status, outputs, width, height, bytes, sha256, error, run_id FROM results'
+    )
+    assert len(rows) == 1
+    key, status, outputs, width, height, size, sha256, error, run_id = rows[0]
+    assert (key, status, json.loads(outputs), width, height, size, sha256, error, run_id) == (
+        "7",
+        "ok",
+        ["b/7.webp"],
+        11,
+        20,
+        300,
+        "ab" * 32,
+        None,
+        "run-1",
+    )
+
+
+async def test_write_results_refuses_a_table_name_that_is_not_an_identifier(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """table is spliced into SQL, so anything but a plain identifier is a ConfigError."""
+    harness.add(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ConfigError, match="table must be a plain SQL identifier"):
+        async with write_results(harness.ctx(), database="catalog", table="results; --"):
+            pass
+
+
+async def test_sqlite_write_while_locked_is_transient(harness: Harness, tmp_path: Path) -> None:
+    """SQLite's 'database is locked' becomes TransientError, and the write succeeds once unlocked."""
+    path = tmp_path / "locked.db"
+    harness.add(f"sqlite:///{path}", busy_timeout=0)
+    async with write_results(harness.ctx(), database="catalog") as write:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(TransientError, match="locked"):
+                await write({"id": 1})
+        finally:
+            blocker.close()
+        await write({"id": 1})
+    assert _sqlite_backend(path).run("SELECT COUNT(*) FROM results") == [(1,)]
+
+
+async def test_sqlite_database_is_switched_to_wal(harness: Harness, tmp_path: Path) -> None:
+    """Opening a SQLite database puts it in WAL mode, so readers do not block the writer."""
+    path = tmp_path / "wal.db"
+    harness.add(f"sqlite:///{path}")
+    await shared_database(harness.ctx(), "catalog")
+    assert _sqlite_backend(path).run("PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_execute_script_runs_every_statement(backend: Backend) -> None:
+    """execute_script runs a multi-statement script, for seeding demo data."""
+    await execute_script(
+        backend.dsn,
+        f"{CATALOG_DDL}; INSERT INTO catalog VALUES (1, 'u1', 'n%1');"
+        "INSERT INTO catalog VALUES (2, 'u2', NULL);",
+        name="catalog",
+    )
+    assert backend.run("SELECT id, name FROM catalog ORDER BY id") == [(1, "n%1"), (2, None)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sharing and limits
+
+
+async def test_stages_share_one_database_and_limiter(harness: Harness, tmp_path: Path) -> None:
+    """Two stages asking for the same database get the same pool and the same limiter."""
+    handle = harness.add(f"sqlite:///{tmp_path / 'x.db'}")
+    first = await shared_database(harness.ctx("lookup"), "catalog")
+    second = await shared_database(harness.ctx("record"), "catalog")
+    assert first is second
+    assert first.limiter is handle.limiter
+
+
+@pytest.mark.mysql
+async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Backend, harness: Harness) -> None:
+    """50 concurrent lookups and writes at concurrency 3 use at most 3 server connections."""
+    mysql_backend.seed_catalog(range(1, 51))
+    handle = harness.add(mysql_backend.dsn, concurrency=3)
+    with _admin(mysql_backend) as admin:
+        with admin.cursor() as cur:
+            cur.execute("FLUSH STATUS")
+        # Connections closed just before may linger briefly; they can only go away, never come.
+        baseline = _status(admin, "Threads_connected")
+        query = "SELECT url FROM catalog WHERE id = ?"
+        async with (
+            lookup(harness.ctx("lookup"), database="catalog", query=query, params=["id"]) as find,
+            write_results(harness.ctx("record"), database="catalog") as write,
+        ):
+
+            async def one(i: int) -> dict[str, Any]:
+                return await write(await find({"id": i}))
+
+            items = await asyncio.gather(*(one(i) for i in range(1, 51)))
+        used = _status(admin, "Max_used_connections")
+    assert [item["url"] for item in items] == [f"https://img.example/{i}.jpg" for i in range(1, 51)]
+    assert handle.limiter.statistics().max_borrowed == 3
+    assert used - baseline <= 3, (used, baseline)
+
+
+@pytest.mark.mysql
+async def test_mysql_pool_caps_connections_when_the_limiter_grows(
+    mysql_backend: Backend, harness: Harness
+) -> None:
+    """Raising the limiter after the pool opened does not raise the server connection count, nor hang."""
+    mysql_backend.seed_catalog(range(1, 51))
+    handle = harness.add(mysql_backend.dsn, concurrency=2)
+    with _admin(mysql_backend) as admin:
+        with admin.cursor() as cur:
+            cur.execute("FLUSH STATUS")
+        baseline = _status(admin, "Threads_connected")
+        query = "SELECT url FROM catalog WHERE id = ?"
+        async with lookup(harness.ctx(), database="catalog", query=query, params=["id"]) as find:
+            handle.limiter.total = 10
+            items = await asyncio.gather(*(find({"id": i}) for i in range(1, 51)))
+        used = _status(admin, "Max_used_connections")
+    assert len(items) == 50
+    assert handle.limiter.statistics().max_borrowed > 2
+    assert used - baseline <= 2, (used, baseline)
+
+
+# --------------------------------------------------------------------------------------------
+# Passwords and failures
+
+
+def _all_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)) + repr(exc) + str(exc)
+
+
+@pytest.mark.mysql
+async def test_wrong_password_from_env_fails_without_showing_it(
+    mysql_db: MariaDB, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused login is a DatabaseError naming the fix; the password is nowhere in it or its chain."""
+    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", WRONG_PASSWORD)
+    harness.add(mysql_db.dsn())
+    with pytest.raises(DatabaseError, match="PIPELINE_DB_CATALOG_PASSWORD") as info:
+        await shared_database(harness.ctx(), "catalog")
+    assert info.value.code == 1045
+    assert WRONG_PASSWORD not in _all_text(info.value)
+
+
+@pytest.mark.mysql
+async def test_wrong_password_in_dsn_fails_without_showing_it(mysql_db: MariaDB, harness: Harness) -> None:
+    """A password written in the DSN is redacted to *** in the error, its chain and its repr."""
+    harness.add(f"mysql://pipeline:{WRONG_PASSWORD}@127.0.0.1:{mysql_db.port}/pipeline_test")
+    with pytest.raises(DatabaseError, match=r"pipeline:\*\*\*@") as info:
+        await shared_database(harness.ctx(), "catalog")
+    assert WRONG_PASSWORD not in _all_text(info.value)
+
+
+@pytest.mark.mysql
+async def test_password_is_not_logged_nor_in_the_repr(
+    mysql_db: MariaDB, harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening and closing a database logs the DSN redacted; the Database repr is redacted too."""
+    caplog.set_level(logging.DEBUG, logger="stages.db")
+    harness.add(mysql_db.dsn(password_in_dsn=True))
+    db = await shared_database(harness.ctx(), "catalog")
+    await harness.shared.stack.aclose()
+    assert "opened database 'catalog'" in caplog.text
+    assert mysql_db.password not in caplog.text + repr(db)
+
+
+async def test_refused_connection_is_transient(harness: Harness) -> None:
+    """Nothing listening on the port is a TransientError (the server may be restarting)."""
+    harness.add(f"mysql://pipeline@127.0.0.1:{_free_port()}/pipeline_test", connect_timeout=5)
+    with pytest.raises(TransientError, match="error 2003"):
+        await shared_database(harness.ctx(), "catalog")
+
+
+@pytest.mark.mysql
+async def test_mysql_cancelled_query_does_not_poison_the_next_one(
+    mysql_backend: Backend, harness: Harness
+) -> None:
+    """A lookup cancelled mid-query drops its connection, so the next lookup reads its own answer."""
+    harness.add(mysql_backend.dsn, concurrency=1)
+    with _admin(mysql_backend) as admin, admin.cursor() as cur:
+        cur.execute("SELECT GET_LOCK('held-by-admin', 0)")
+        query = "SELECT GET_LOCK(?, 60) AS got"
+        async with lookup(harness.ctx(), database="catalog", query=query, params=["lock"]) as fn:
+            blocked = asyncio.create_task(fn({"lock": "held-by-admin"}))
+            # Wait until the server shows the lookup waiting on the lock: a server-side fact,
+            # so it is polled, with a bound.
+            for _ in range(2000):
+                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'")
+                if cur.fetchone()[0] == 1:
+                    break
+                await asyncio.sleep(0)
+            else:
+                pytest.fail("the lookup never reached the server's lock wait")
+            blocked.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await blocked
+            cur.execute("SELECT RELEASE_LOCK('held-by-admin')")
+            assert await fn({"lock": "free-lock"}) == {"lock": "free-lock", "got": 1}
+
+
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        (f"mysql://u:{WRONG_PASSWORD}@db.local:notaport/cat", "malformed DSN"),
+        (f"postgres://u:{WRONG_PASSWORD}@db.local/cat", "scheme 'postgres'"),
+        (f"mysql://u:{WRONG_PASSWORD}@db.local/cat?ssl=1", "unknown parameters"),
+        (f"mysql://u:{WRONG_PASSWORD}@db.local/", "without a database name"),
+        ("sqlite://host/cat.db", "has no host"),
+    ],
+)
+async def test_bad_dsn_is_a_config_error_without_the_password(
+    harness: Harness, dsn: str, message: str
+) -> None:
+    """An unusable DSN is a ConfigError naming the problem, with the password redacted."""
+    harness.add(dsn)
+    with pytest.raises(ConfigError, match=message) as info:
+        await shared_database(harness.ctx(), "catalog")
+    assert WRONG_PASSWORD not in _all_text(info.value)
+
+
+@pytest.mark.mysql
+async def test_password_from_env_overrides_the_dsn(
+    mysql_db: MariaDB, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIPELINE_DB_<NAME>_PASSWORD wins over a password in the DSN (NAME upper-cased, - as _)."""
+    monkeypatch.setenv("PIPELINE_DB_CATALOG_RO_PASSWORD", mysql_db.password)
+    harness.add(
+        f"mysql://pipeline:{WRONG_PASSWORD}@127.0.0.1:{mysql_db.port}/pipeline_test", name="catalog-ro"
+    )
+    db = await shared_database(harness.ctx(), "catalog-ro")
+    assert await db.fetch_one("SELECT 41 + ? AS answer", [1]) == {"answer": 42}
+
+
+@pytest.mark.mysql
+async def test_mysql_unix_socket_dsn_connects(mysql_db: MariaDB, harness: Harness) -> None:
+    """?unix_socket=/path connects over the server's socket rather than TCP."""
+    harness.add(f"{mysql_db.dsn(password_in_dsn=True)}?unix_socket={mysql_db.unix_socket}")
+    db = await shared_database(harness.ctx(), "catalog")
+    row = await db.fetch_one("SELECT @@socket AS sock, USER() AS who")
+    assert row is not None
+    assert row["sock"] == mysql_db.unix_socket
+    assert row["who"] == "pipeline@localhost"

@@ -1,0 +1,556 @@
+"""stages.http.download against a real loopback server (tests/fixtures/httpserver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import email.utils
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import requests
+import requests.adapters
+
+from pipeline import CapacityLimiter, ConfigError, Context, Item, Retry, RetryAfter, Stage, TransientError
+from pipeline._contract import SharedResources
+from pipeline.testing import run_stages_async
+from stages.http import DownloadError, _HostCheck, _redact, _retry_after_seconds, download
+from tests.fixtures.httpserver import LoopbackServer
+
+Fetch = Callable[[Item], Item]
+OpenDownload = Callable[..., Awaitable[Fetch]]
+
+POOL_FULL = "Connection pool is full"
+
+
+@pytest.fixture
+async def open_download() -> AsyncIterator[OpenDownload]:
+    """Enter ``download`` with a hand-built Context; every stage opened is closed after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_(*, concurrency: int = 4, **options: Any) -> Fetch:
+            shared = SharedResources()
+            stack.push_async_callback(shared.stack.aclose)
+            ctx = Context(
+                pipeline="t",
+                run_id="r1",
+                stage="download",
+                limiter=CapacityLimiter(concurrency),
+                databases={},
+                shared=shared,
+            )
+            fetch: Fetch = await stack.enter_async_context(download(ctx, trust_env=False, **options))
+            return fetch
+
+        yield open_
+
+
+async def call(fetch: Fetch, url: object, **fields: Any) -> Item:
+    """Run ``fetch`` in a worker thread, as the engine does."""
+    return await asyncio.to_thread(fetch, {"id": 1, "url": url, **fields})
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+async def test_ok_download_adds_body_and_its_facts(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A 200 answer adds body, content_type, http_status, bytes and sha256, keeping the item's fields."""
+    body = os.urandom(10_000)
+    url = http_server.add("/a.jpg", body, content_type="image/jpeg")
+    fetch = await open_download()
+
+    out = await call(fetch, url, sku="X1")
+
+    assert out == {
+        "id": 1,
+        "url": url,
+        "sku": "X1",
+        "body": body,
+        "content_type": "image/jpeg",
+        "http_status": 200,
+        "bytes": 10_000,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
+async def test_content_type_keeps_only_the_media_type(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """Content-Type parameters are dropped and the media type lower-cased."""
+    url = http_server.add("/a.png", b"x", content_type="Image/PNG; charset=binary")
+    fetch = await open_download()
+
+    assert (await call(fetch, url))["content_type"] == "image/png"
+
+
+async def test_garbage_body_is_returned_as_is(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """Bytes that are not an image are downloaded unchanged; decoding is the image stage's job."""
+    garbage = b"\x00\xffnot a jpeg at all" * 100
+    url = http_server.add("/broken.jpg", garbage, content_type="image/jpeg")
+    fetch = await open_download()
+
+    out = await call(fetch, url)
+
+    assert out["body"] == garbage
+    assert out["content_type"] == "image/jpeg"
+
+
+async def test_request_carries_user_agent_and_extra_headers(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """user_agent and headers are sent with every request."""
+    url = http_server.add("/a.jpg", b"x")
+    fetch = await open_download(user_agent="thumbs/2", headers={"X-Batch": "nightly"})
+
+    await call(fetch, url)
+
+    sent = http_server.requests[0].headers
+    assert (sent["User-Agent"], sent["X-Batch"]) == ("thumbs/2", "nightly")
+
+
+# -- transient failures -------------------------------------------------------------------
+
+
+async def test_read_timeout_is_transient(http_server: LoopbackServer, open_download: OpenDownload) -> None:
+    """A server that does not answer within read_timeout raises TransientError."""
+    http_server.add_slow("/slow.jpg")  # held until the server closes
+    fetch = await open_download(read_timeout=0.2)
+
+    with pytest.raises(TransientError, match=r"no data for 0\.2s \(read_timeout\)") as info:
+        await call(fetch, http_server.url("/slow.jpg"))
+
+    assert not isinstance(info.value, RetryAfter)
+    assert isinstance(info.value.__cause__, requests.ReadTimeout)
+
+
+async def test_refused_connection_is_transient(open_download: OpenDownload) -> None:
+    """A refused connection raises TransientError, chained to the requests error."""
+    fetch = await open_download()
+
+    with pytest.raises(TransientError, match="lost the connection") as info:
+        await call(fetch, f"http://127.0.0.1:{closed_port()}/a.jpg")
+
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+
+
+async def test_flaky_503_is_transient_then_succeeds(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """503 without Retry-After raises TransientError (urllib3 does not retry it); the next call succeeds."""
+    url = http_server.add_flaky("/f.jpg", b"ok", failures=1, status=503)
+    fetch = await open_download()
+
+    with pytest.raises(TransientError, match="503 Service Unavailable") as info:
+        await call(fetch, url)
+    assert not isinstance(info.value, RetryAfter)
+    assert http_server.hits("/f.jpg") == 1  # urllib3's own retries are off
+
+    assert (await call(fetch, url))["body"] == b"ok"
+
+
+async def test_error_answer_keeps_the_connection_alive(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A small error body is drained, so the retry reuses the same keep-alive connection."""
+    url = http_server.add_flaky("/f.jpg", b"ok", failures=2, status=500)
+    fetch = await open_download()
+
+    def fail_twice_then_succeed() -> None:
+        # On one thread, so one session: to_thread per call could pick different workers.
+        for _ in range(2):
+            with pytest.raises(TransientError):
+                fetch({"id": 1, "url": url})
+        fetch({"id": 1, "url": url})
+
+    await asyncio.to_thread(fail_twice_then_succeed)
+
+    assert http_server.connections == 1
+
+
+@pytest.mark.parametrize(("status", "header", "expected"), [(429, "7", 7.0), (503, "2", 2.0)])
+async def test_retry_after_raises_retry_after_with_its_delay(
+    http_server: LoopbackServer, open_download: OpenDownload, status: int, header: str, expected: float
+) -> None:
+    """429 or 503 with Retry-After in seconds raises RetryAfter(delay), then the retry succeeds."""
+    url = http_server.add_flaky("/r.jpg", b"ok", failures=1, status=status, retry_after=header)
+    fetch = await open_download()
+
+    with pytest.raises(RetryAfter) as info:
+        await call(fetch, url)
+
+    assert info.value.delay == expected
+    assert str(status) in str(info.value)
+    assert (await call(fetch, url))["body"] == b"ok"
+
+
+async def test_retry_after_is_capped_by_max_retry_after(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A Retry-After longer than max_retry_after is cut to max_retry_after."""
+    url = http_server.add_flaky("/r.jpg", b"ok", failures=1, status=429, retry_after="86400")
+    fetch = await open_download(max_retry_after=60)
+
+    with pytest.raises(RetryAfter) as info:
+        await call(fetch, url)
+
+    assert info.value.delay == 60.0
+
+
+async def test_429_without_retry_after_is_plain_transient(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """429 without a usable Retry-After raises TransientError, not RetryAfter."""
+    url = http_server.add_flaky("/r.jpg", b"ok", failures=1, status=429, retry_after="soon")
+    fetch = await open_download()
+
+    with pytest.raises(TransientError, match="429 Too Many Requests") as info:
+        await call(fetch, url)
+
+    assert not isinstance(info.value, RetryAfter)
+
+
+def test_retry_after_http_date_counts_from_now() -> None:
+    """A Retry-After HTTP date gives the seconds from now until then; a past date gives 0."""
+    now = 1_700_000_000.0
+    later = email.utils.formatdate(now + 30, usegmt=True)
+    earlier = email.utils.formatdate(now - 30, usegmt=True)
+
+    assert (_retry_after_seconds(later, now), _retry_after_seconds(earlier, now)) == (30.0, 0.0)
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "-5", "nan", "inf", "Wed, 21 Oct 2015 07:28:00"])
+def test_retry_after_unusable_values_are_ignored(value: str | None) -> None:
+    """Missing, negative, non-finite, zoneless or unparsable Retry-After values give None."""
+    assert _retry_after_seconds(value, 0.0) is None
+
+
+async def test_truncated_body_is_transient(http_server: LoopbackServer, open_download: OpenDownload) -> None:
+    """A body cut short of its Content-Length raises TransientError."""
+    url = http_server.add_truncated("/t.jpg", b"x" * 10_000, send_bytes=1_000)
+    fetch = await open_download()
+
+    with pytest.raises(TransientError, match="lost the connection") as info:
+        await call(fetch, url)
+
+    assert isinstance(info.value.__cause__, requests.RequestException)
+
+
+async def test_500_is_transient(http_server: LoopbackServer, open_download: OpenDownload) -> None:
+    """A 5xx answer raises TransientError naming the status."""
+    url = http_server.add("/e.jpg", b"boom", status=500)
+    fetch = await open_download()
+
+    with pytest.raises(TransientError, match="500 Internal Server Error"):
+        await call(fetch, url)
+
+
+# -- permanent failures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 410])
+async def test_4xx_is_permanent_with_status_and_url(
+    http_server: LoopbackServer, open_download: OpenDownload, status: int
+) -> None:
+    """A 4xx other than 429 raises DownloadError naming the status and the URL."""
+    url = http_server.add("/gone.jpg", b"", status=status)
+    fetch = await open_download()
+
+    with pytest.raises(DownloadError) as info:
+        await call(fetch, url)
+
+    assert f"answered {status} " in str(info.value)
+    assert url in str(info.value)
+    assert info.value.status == status
+
+
+async def test_password_is_not_in_the_message(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """Userinfo in the URL is stripped from error messages."""
+    fetch = await open_download()
+    url = f"http://bob:s3cret@127.0.0.1:{http_server.port}/missing.jpg"
+
+    with pytest.raises(DownloadError) as info:
+        await call(fetch, url)
+
+    assert "s3cret" not in str(info.value)
+    assert "bob" not in info.value.url
+    assert http_server.url("/missing.jpg") in str(info.value)
+
+
+def test_redact_strips_userinfo_only() -> None:
+    """_redact drops user:password@ and keeps the rest of the URL."""
+    assert _redact("https://u:p@h.example:8443/a?q=1") == "https://h.example:8443/a?q=1"
+
+
+async def test_oversized_content_length_is_refused(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A Content-Length above max_bytes fails for good, before the body is read."""
+    url = http_server.add("/big.jpg", b"x" * 2_000)
+    fetch = await open_download(max_bytes=1_000)
+
+    with pytest.raises(DownloadError, match="announces 2000 bytes, larger than max_bytes=1000"):
+        await call(fetch, url)
+
+
+async def test_oversized_streamed_body_is_refused(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A body without Content-Length that grows past max_bytes fails for good while streaming."""
+    url = http_server.add("/big.jpg", b"x" * 300_000, chunked=True)
+    fetch = await open_download(max_bytes=100_000)
+
+    with pytest.raises(DownloadError, match="more than 100000 bytes, larger than max_bytes=100000"):
+        await call(fetch, url)
+
+
+async def test_body_of_exactly_max_bytes_is_accepted(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """max_bytes is inclusive: a streamed body of exactly that size is downloaded."""
+    url = http_server.add("/edge.jpg", b"x" * 100_000, chunked=True)
+    fetch = await open_download(max_bytes=100_000)
+
+    assert (await call(fetch, url))["bytes"] == 100_000
+
+
+async def test_redirects_within_max_redirects_are_followed(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A chain of max_redirects redirects ends in the final body."""
+    url = http_server.add_redirects("/hop", 2, b"final")
+    fetch = await open_download(max_redirects=2)
+
+    assert (await call(fetch, url))["body"] == b"final"
+
+
+async def test_redirect_chain_longer_than_max_redirects_fails(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """One redirect more than max_redirects fails for good, and the final URL is never fetched."""
+    url = http_server.add_redirects("/hop", 3, b"final")
+    fetch = await open_download(max_redirects=2)
+
+    with pytest.raises(DownloadError, match="Exceeded 2 redirects"):
+        await call(fetch, url)
+
+    assert http_server.hits("/hop/r3") == 0
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/a.jpg", "127.0.0.1/a.jpg"])
+async def test_non_http_urls_are_refused(open_download: OpenDownload, url: str) -> None:
+    """Only http and https URLs are fetched; anything else fails for good with a clear message."""
+    fetch = await open_download()
+
+    with pytest.raises(DownloadError, match="only http and https URLs are downloaded"):
+        await call(fetch, url)
+
+
+async def test_host_not_in_allowed_hosts_is_refused(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A URL whose host is not in allowed_hosts fails for good without any request."""
+    http_server.add("/a.jpg", b"x")
+    fetch = await open_download(allowed_hosts=["cdn.example.com"])
+
+    with pytest.raises(DownloadError, match=r"host '127\.0\.0\.1', which is not in allowed_hosts"):
+        await call(fetch, http_server.url("/a.jpg"))
+
+    assert http_server.hits("/a.jpg") == 0
+
+
+async def test_redirect_to_a_host_not_allowed_is_not_followed(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """allowed_hosts applies to each redirect target before it is requested."""
+    http_server.add("/away", status=302, headers={"Location": f"http://localhost:{http_server.port}/a.jpg"})
+    http_server.add("/a.jpg", b"x")
+    fetch = await open_download(allowed_hosts=["127.0.0.1"])
+
+    with pytest.raises(DownloadError, match=r"redirect from .* host 'localhost'"):
+        await call(fetch, http_server.url("/away"))
+
+    assert http_server.hits("/a.jpg") == 0
+
+
+def test_allowed_hosts_wildcard_matches_subdomains_only() -> None:
+    """'*.example.com' allows img.example.com but not example.com itself."""
+    check = _HostCheck(["*.example.com"])
+    check("https://img.example.com/a.jpg", what="URL")
+
+    with pytest.raises(DownloadError):
+        check("https://example.com/a.jpg", what="URL")
+
+
+@pytest.mark.parametrize(
+    "item", [{"id": 1}, {"id": 1, "url": None}, {"id": 1, "url": "  "}, {"id": 1, "url": 42}]
+)
+async def test_missing_or_non_string_url_fails_for_good(open_download: OpenDownload, item: Item) -> None:
+    """A missing, NULL, blank or non-string url field fails for good, naming the field."""
+    fetch = await open_download()
+
+    with pytest.raises(DownloadError, match="field 'url' must hold a URL string"):
+        await asyncio.to_thread(fetch, item)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"read_timeout": 0}, "read_timeout must be > 0"),
+        ({"max_bytes": 0}, "max_bytes must be >= 1"),
+        ({"max_redirects": -1}, "max_redirects must be >= 0"),
+        ({"allowed_hosts": []}, "allowed_hosts is an empty list"),
+        ({"url_field": ""}, "url_field must be a non-empty field name"),
+    ],
+)
+async def test_bad_options_are_refused(
+    open_download: OpenDownload, options: dict[str, Any], message: str
+) -> None:
+    """Out-of-range options raise ConfigError when the stage opens."""
+    with pytest.raises(ConfigError, match=message):
+        await open_download(**options)
+
+
+# -- sessions and pools -------------------------------------------------------------------
+
+
+async def run_gated(
+    server: LoopbackServer,
+    fetch: Callable[[Item], Any],
+    url: str,
+    callers: int,
+    pool: concurrent.futures.ThreadPoolExecutor | None = None,
+) -> list[Any]:
+    """Run ``callers`` calls at once on ``callers`` threads, all held in flight, then released."""
+    loop = asyncio.get_running_loop()
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(callers))
+        server.hold_all()
+        futures = [loop.run_in_executor(pool, fetch, {"id": i, "url": url}) for i in range(callers)]
+        try:
+            await asyncio.to_thread(server.wait_for_in_flight, callers)
+        finally:
+            server.release_all()
+        return list(await asyncio.gather(*futures))
+
+
+async def test_concurrent_callers_each_use_their_own_kept_alive_connection(
+    http_server: LoopbackServer, open_download: OpenDownload, caplog: pytest.LogCaptureFixture
+) -> None:
+    """N threads run N requests at once, reuse their N connections, and never log "pool is full"."""
+    callers = 6
+    url = http_server.add("/a.jpg", b"x" * 1000)
+    fetch = await open_download(concurrency=callers)
+
+    # One pool for both rounds, as the engine keeps its worker threads for the whole run.
+    with (
+        concurrent.futures.ThreadPoolExecutor(callers) as pool,
+        caplog.at_level(logging.WARNING, logger="urllib3"),
+    ):
+        await run_gated(http_server, fetch, url, callers, pool)
+        assert http_server.max_in_flight == callers
+        await run_gated(http_server, fetch, url, callers, pool)
+
+    assert http_server.hits("/a.jpg") == 2 * callers
+    assert http_server.connections == callers
+    assert POOL_FULL not in caplog.text
+
+
+async def test_pool_full_detector_sees_a_shared_undersized_pool(
+    http_server: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Control for the test above: one session with pool_maxsize=1 shared by 4 threads logs "pool is full"."""
+    url = http_server.add("/a.jpg", b"x")
+    with requests.Session() as session:
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=1))
+
+        def fetch(item: Item) -> bytes:
+            return session.get(item["url"], timeout=10).content
+
+        with caplog.at_level(logging.WARNING, logger="urllib3"):
+            await run_gated(http_server, fetch, url, 4)
+
+    assert POOL_FULL in caplog.text
+
+
+async def test_closing_the_stage_closes_every_session(http_server: LoopbackServer) -> None:
+    """When the factory exits, every thread's session is closed and its connections with it."""
+    url = http_server.add("/a.jpg", b"x")
+    shared = SharedResources()
+    ctx = Context(
+        pipeline="t", run_id="r1", stage="download", limiter=CapacityLimiter(3), databases={}, shared=shared
+    )
+    async with download(ctx, trust_env=False) as fetch:
+        await run_gated(http_server, fetch, url, 3)
+        assert http_server.open_connections == 3
+    await shared.stack.aclose()
+
+    await asyncio.to_thread(http_server.wait_until, lambda: http_server.open_connections == 0)
+
+
+def test_server_releases_a_held_request_when_its_event_is_set(http_server: LoopbackServer) -> None:
+    """The fixture's slow mode answers once the test sets the returned event."""
+    release = http_server.add_slow("/slow.jpg", b"late")
+    result: list[bytes] = []
+    with requests.Session() as session:
+        worker = threading.Thread(
+            target=lambda: result.append(session.get(http_server.url("/slow.jpg"), timeout=10).content)
+        )
+        worker.start()
+        http_server.wait_for_in_flight(1)
+        assert not result
+        release.set()
+        worker.join(10)
+
+    assert result == [b"late"]
+
+
+# -- through the engine -------------------------------------------------------------------
+
+
+async def test_engine_retries_transient_answers_and_dead_letters_permanent_ones(
+    http_server: LoopbackServer,
+) -> None:
+    """Run by the engine: 503 and 429 + Retry-After are retried to success; a 404 is dead-lettered."""
+    ok = http_server.add("/ok.jpg", b"ok")
+    flaky = http_server.add_flaky("/flaky.jpg", b"flaky", failures=1, status=503)
+    limited = http_server.add_flaky("/limited.jpg", b"limited", failures=1, status=429, retry_after="0")
+    missing = http_server.url("/missing.jpg")
+    items = [{"id": n, "url": url} for n, url in enumerate([ok, flaky, limited, missing])]
+    stage = Stage(
+        download,
+        name="download",
+        concurrency=2,
+        retry=Retry(attempts=3, backoff=0, jitter=0),
+        options={"trust_env": False},
+    )
+
+    async with asyncio.timeout(30):  # a safety net: an engine hang fails here, not at pytest-timeout
+        run = await run_stages_async(items, stage)
+
+    assert sorted(item["body"] for item in run.outputs) == [b"flaky", b"limited", b"ok"]
+    assert [(d["key"], d["stage"], d["error_type"], d["attempts"]) for d in run.dead_letters] == [
+        (3, "download", "stages.http.DownloadError", 1)
+    ]
+    assert "answered 404 Not Found" in run.dead_letters[0]["message"]
