@@ -18,9 +18,10 @@ written against the same contract as yours.
 """
 
 from ._contract import Context, DatabaseHandle, Item, StageFunction, factory
-from ._definition import Database, Pipeline, Retry, Source, Stage
+from ._definition import Auto, Database, Pipeline, Retry, Source, Stage, cpu_bound
 from ._exceptions import (
     ConfigError,
+    Overloaded,
     PipelineError,
     ResourceError,
     RetryAfter,
@@ -35,6 +36,7 @@ from ._limiter import CapacityLimiter, LimiterStatistics
 from ._report import ItemCounts, RunReport, StageReport
 
 __all__ = [
+    "Auto",
     "CapacityLimiter",
     "ConfigError",
     "Context",
@@ -44,6 +46,7 @@ __all__ = [
     "ItemCounts",
     "LimiterStatistics",
     "Pipeline",
+    "Overloaded",
     "PipelineError",
     "ResourceError",
     "Retry",
@@ -59,6 +62,7 @@ __all__ = [
     "StageReport",
     "StageTimeout",
     "TransientError",
+    "cpu_bound",
     "factory",
     "load_config",
 ]

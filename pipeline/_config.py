@@ -19,9 +19,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
-from ._definition import Database, Pipeline, Retry, Source, Stage
+from ._definition import Auto, Database, Pipeline, Retry, Source, Stage
 from ._exceptions import ConfigError
 
 __all__ = ["load_config"]
@@ -54,6 +61,15 @@ class _RetryTable(BaseModel):
     on: list[str] = []
 
 
+class _AutoTable(BaseModel):
+    model_config = _STRICT
+    auto: Literal[True] = True
+    min: int = Field(1, ge=1)
+    max: int | None = Field(None, ge=1)
+    initial: int | None = Field(None, ge=1)
+    algorithm: Literal["gradient", "throughput"] | None = None
+
+
 class _SourceTable(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     use: str
@@ -64,11 +80,28 @@ class _StageTable(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     use: str
     name: str | None = None
-    concurrency: int = Field(1, ge=1)
+    concurrency: int | Literal["auto"] | _AutoTable = 1
     queue_size: int | None = Field(None, ge=1)
     timeout: float | None = Field(None, gt=0)
     retry: _RetryTable | None = None
     kind: Literal["async", "thread"] | None = None
+    rate: str | None = None
+
+    @field_validator("concurrency", mode="wrap")
+    @classmethod
+    def _one_concurrency_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # A union reports one error per member; the operator wants one sentence.
+        if isinstance(value, dict):
+            try:
+                return _AutoTable.model_validate(value)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(f"concurrency.{_location(err['loc'])} {_explain(err)}") from None
+        if value == "auto" or (type(value) is int and value >= 1):
+            return handler(value)
+        raise ValueError(
+            f'must be an integer >= 1, "auto", or a table such as {{ min = 1, max = 32 }}; got {value!r}'
+        )
 
 
 class _ConfigFile(BaseModel):
@@ -88,7 +121,6 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 def _explain(err: Mapping[str, Any]) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    loc = _location(err["loc"])
     key = str(err["loc"][-1]) if err["loc"] else ""
     if kind == "missing":
         return f"{key!r} is required; add it"
@@ -97,13 +129,15 @@ def _explain(err: Mapping[str, Any]) -> str:
     if kind in ("greater_than_equal", "greater_than"):
         op = ">=" if kind == "greater_than_equal" else ">"
         bound = ctx.get("ge", ctx.get("gt"))
-        return f"{loc} must be {op} {bound}, got {value!r}; set it to a number {op} {bound}"
+        return f"must be {op} {bound}, got {value!r}; set it to a number {op} {bound}"
     if kind == "too_short":
-        return f"{loc} needs at least one entry; add a [[{key}]] table"
+        return f"needs at least one entry; add a [[{key}]] table"
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
         expected = err["msg"].removeprefix("Input should be ").removesuffix(".")
-        return f"{loc} must be {expected}, got {value!r} ({type(value).__name__}); fix its type"
-    return f"{loc}: {err['msg']} (got {value!r})"
+        return f"must be {expected}, got {value!r} ({type(value).__name__}); fix its type"
+    return f"{err['msg']} (got {value!r})"
 
 
 def _import(use: str, *, file: str, location: str) -> Any:
@@ -227,12 +261,21 @@ def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
                 jitter=table.retry.jitter,
                 on=on,
             )
+        concurrency: int | Auto
+        if table.concurrency == "auto":
+            concurrency = Auto()
+        elif isinstance(table.concurrency, _AutoTable):
+            c = table.concurrency
+            concurrency = Auto(min=c.min, max=c.max, initial=c.initial, algorithm=c.algorithm)
+        else:
+            concurrency = table.concurrency
         try:
             stages.append(
                 Stage(
                     fn,
                     name=table.name or table.use.rpartition(":")[2] or table.use,
-                    concurrency=table.concurrency,
+                    concurrency=concurrency,
+                    rate=table.rate,
                     queue_size=table.queue_size,
                     timeout=table.timeout,
                     retry=retry,

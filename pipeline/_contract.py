@@ -114,8 +114,9 @@ class Context:
         pipeline: The pipeline's name.
         run_id: This run's id.
         stage: The stage's name (``"source"`` for the source).
-        limiter: The stage's own cap; ``None`` for the source. A stage may read
-            ``limiter.total`` to size a connection pool.
+        limiter: The stage's own cap; ``None`` for the source.
+        max_concurrency: The most ``limiter.total`` can become during the run (it moves
+            with ``concurrency = "auto"``): size connection pools by this.
     """
 
     def __init__(
@@ -128,8 +129,10 @@ class Context:
         databases: Mapping[str, DatabaseHandle],
         shared: SharedResources,
         pause: Callable[[float], None] | None = None,
+        max_concurrency: int | None = None,
     ):
         self.pipeline = pipeline
+        self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
         self.run_id = run_id
         self.stage = stage
         self.limiter = limiter

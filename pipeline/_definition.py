@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._contract import Kind, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
@@ -20,7 +20,11 @@ from ._exceptions import ConfigError, TransientError
 if TYPE_CHECKING:
     from ._report import RunReport
 
-__all__ = ["Database", "Pipeline", "Retry", "Source", "Stage"]
+__all__ = ["Auto", "Database", "Pipeline", "Retry", "Source", "Stage", "cpu_bound", "parse_rate"]
+
+_DEFAULT_AUTO_MAX_IO = 64
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (TransientError, TimeoutError, ConnectionError)
 
@@ -61,6 +65,79 @@ class Retry:
         return DEFAULT_RETRY_ON + tuple(self.on)
 
 
+def cpu_bound(fn: F) -> F:
+    """Mark a stage callable (or factory) as CPU-bound.
+
+    With ``concurrency = "auto"``, a CPU-bound stage is tuned by throughput (hill climbing)
+    and capped at the number of cores; any other stage follows the latency of its calls.
+    """
+    fn.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
+    return fn
+
+
+def workload(fn: object) -> Literal["cpu", "io"]:
+    """``"cpu"`` for a :func:`cpu_bound` callable, else ``"io"``."""
+    return "cpu" if getattr(fn, "__pipeline_workload__", None) == "cpu" else "io"
+
+
+@dataclass(frozen=True)
+class Auto:
+    """``concurrency = "auto"``: the engine measures the stage and sets its cap as it runs.
+
+    Attributes:
+        min: The cap never goes below this.
+        max: The cap never goes above this; defaults to the number of cores for a
+            :func:`cpu_bound` stage, else 64.
+        initial: The cap to start from; defaults to ``min`` for CPU stages, else ``min(4, max)``.
+        algorithm: ``"gradient"`` (follows call latency; for IO) or ``"throughput"`` (hill
+            climbing; for CPU); defaults from the callable's workload.
+    """
+
+    min: int = 1
+    max: int | None = None
+    initial: int | None = None
+    algorithm: Literal["gradient", "throughput"] | None = None
+
+    def resolve(self, fn: object) -> Auto:
+        """Fill the defaults for ``fn``'s workload, and check the bounds."""
+        import os
+
+        cpu = workload(fn) == "cpu"
+        algorithm = self.algorithm or ("throughput" if cpu else "gradient")
+        top = self.max if self.max is not None else ((os.cpu_count() or 1) if cpu else _DEFAULT_AUTO_MAX_IO)
+        top = max(top, self.min)
+        initial = self.initial if self.initial is not None else (self.min if cpu else min(4, top))
+        _check_cap("concurrency.min", self.min)
+        _check_cap("concurrency.max", top)
+        if not self.min <= initial <= top:
+            raise ConfigError(
+                f"concurrency.initial must be between min ({self.min}) and max ({top}), got {initial}"
+            )
+        return Auto(min=self.min, max=top, initial=initial, algorithm=algorithm)
+
+
+def parse_rate(rate: str) -> tuple[float, float]:
+    """Parse ``"50/s"``, ``"3000/min"``, ``"10/5s"`` into ``(count, period_seconds)``.
+
+    Raises:
+        ConfigError: The rate is not of that form.
+    """
+    units = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+    count_text, sep, period_text = rate.replace(" ", "").partition("/")
+    unit = period_text.lstrip("0123456789.")
+    number = period_text[: len(period_text) - len(unit)]
+    try:
+        count = float(count_text)
+        period = (float(number) if number else 1.0) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f'rate {rate!r} is not of the form "COUNT/UNIT"; write for example "50/s" or "3000/min"'
+        ) from None
+    if not sep or count <= 0 or period <= 0:
+        raise ConfigError(f'rate {rate!r} must be a positive count per period, for example "50/s"')
+    return count, period
+
+
 @dataclass(frozen=True)
 class Database:
     """A ``[databases.<name>]`` entry: a DSN and the one cap shared by every stage using it.
@@ -91,7 +168,11 @@ def _describe(fn: object) -> str:
 
 
 def validate_options(
-    fn: Callable[..., Any], options: Mapping[str, Any], *, skip_first: bool
+    fn: Callable[..., Any],
+    options: Mapping[str, Any],
+    *,
+    skip_first: bool,
+    engine_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Check ``options`` against ``fn``'s keyword parameters, with pydantic.
 
@@ -126,7 +207,11 @@ def validate_options(
     accepted = ", ".join(sorted(fields)) or "no options"
     for name in options:
         if name not in fields and not var_kw:
-            raise ConfigError(f"unknown option {name!r}: {_describe(fn)} accepts {accepted}", location=name)
+            engine = f"; the engine's own keys are {', '.join(sorted(engine_keys))}" if engine_keys else ""
+            raise ConfigError(
+                f"unknown key {name!r}: {_describe(fn)} accepts {accepted}{engine}. Check the spelling",
+                location=name,
+            )
     required = [n for n, (_, d) in fields.items() if d is ... and n not in options]
     if required:
         raise ConfigError(
@@ -186,36 +271,71 @@ class Stage:
     Attributes:
         fn: The stage callable or :func:`~pipeline.factory` (see :mod:`pipeline` for the contract).
         name: Shown in reports; defaults to the callable's name.
-        concurrency: At most this many items inside ``fn`` at once.
+        concurrency: At most this many items inside ``fn`` at once, or :class:`Auto` to have
+            the engine measure and set it while the run goes on.
         queue_size: Bound of the queue in front of this stage; ``None`` takes the pipeline's.
         timeout: Seconds one attempt may take; ``None`` for no limit.
         retry: The per-item retry policy.
         options: Keyword arguments for ``fn``.
         kind: ``"async"`` or ``"thread"`` to assert how ``fn`` must run; a mismatch is refused.
+        rate: At most this many attempts per period, for example ``"50/s"`` (aiolimiter).
     """
 
     fn: Callable[..., Any]
     name: str = ""
-    concurrency: int = 1
+    concurrency: int | Auto = 1
     queue_size: int | None = None
     timeout: float | None = None
     retry: Retry = field(default_factory=Retry)
     options: Mapping[str, Any] = field(default_factory=dict)
     kind: Literal["async", "thread"] | None = None
+    rate: str | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise ConfigError(f"stage {self.name!r}: fn must be callable, got {self.fn!r}")
         if not self.name:
             object.__setattr__(self, "name", getattr(self.fn, "__name__", None) or "stage")
-        _check_cap(f"stage {self.name!r}: concurrency", self.concurrency)
+        if isinstance(self.concurrency, Auto):
+            try:
+                object.__setattr__(self, "concurrency", self.concurrency.resolve(self.fn))
+            except ConfigError as exc:
+                raise ConfigError(f"stage {self.name!r}: {exc.message}", location="concurrency") from None
+        else:
+            _check_cap(f"stage {self.name!r}: concurrency", self.concurrency)
+        if self.rate is not None:
+            try:
+                parse_rate(self.rate)
+            except ConfigError as exc:
+                raise ConfigError(f"stage {self.name!r}: {exc.message}", location="rate") from None
         if self.queue_size is not None:
             _check_cap(f"stage {self.name!r}: queue_size", self.queue_size)
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"stage {self.name!r}: timeout must be > 0 seconds, got {self.timeout!r}")
         if not is_factory(self.fn):
             self.check_kind(stage_kind(self.fn))
-        object.__setattr__(self, "options", validate_options(self.fn, self.options, skip_first=True))
+        object.__setattr__(
+            self,
+            "options",
+            validate_options(self.fn, self.options, skip_first=True, engine_keys=_STAGE_KEYS),
+        )
+
+    @property
+    def auto(self) -> Auto | None:
+        """The resolved adaptive settings, or ``None`` for a fixed cap."""
+        return self.concurrency if isinstance(self.concurrency, Auto) else None
+
+    @property
+    def initial_concurrency(self) -> int:
+        """The cap the stage starts with."""
+        c = self.concurrency
+        return (c.initial or 1) if isinstance(c, Auto) else c
+
+    @property
+    def max_concurrency(self) -> int:
+        """The most the cap can ever be during the run."""
+        c = self.concurrency
+        return (c.max or 1) if isinstance(c, Auto) else c
 
     def check_kind(self, kind: Kind) -> None:
         """Refuse a callable whose kind contradicts the declared ``kind``."""
@@ -232,6 +352,9 @@ class Stage:
                 "a plain function, which would block the event loop. Remove kind to run it in "
                 "the thread pool, or make it async def"
             )
+
+
+_STAGE_KEYS = ("use", *(f.name for f in dataclasses.fields(Stage) if f.name not in ("fn", "options")))
 
 
 @dataclass(frozen=True)

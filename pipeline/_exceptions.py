@@ -11,6 +11,7 @@ The hierarchy::
     └── SourceError                the source itself failed; the run fails loudly
 
     TransientError                 raised by a stage: "this attempt may succeed if retried"
+    ├── Overloaded                 ... the downstream is saturated (429, 503, too many connections)
     └── RetryAfter                 ... and pause the whole stage for ``delay`` seconds first
 
     Skip                           raised by a stage: the item ends as skipped, not failed
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "PipelineError",
     "ResourceError",
+    "Overloaded",
     "RetryAfter",
     "Skip",
     "SourceError",
@@ -99,7 +101,16 @@ class TransientError(Exception):
     """
 
 
-class RetryAfter(TransientError):
+class Overloaded(TransientError):
+    """Raise from a stage when the downstream says it is saturated: HTTP 429 or 503, MySQL
+    "too many connections".
+
+    It is retried like any :class:`TransientError`, and adaptive limits
+    (``concurrency = "auto"``) count it as a loss signal and cut the stage's cap.
+    """
+
+
+class RetryAfter(Overloaded):
     """Raise from a stage to pause the whole stage, not only this item, then retry.
 
     Every worker of the stage waits until the pause is over before it starts another

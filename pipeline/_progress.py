@@ -114,7 +114,9 @@ def print_summary(report: RunReport, console: Console | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(stderr=True)
+    if console is None:
+        # Under cron there is no terminal to measure: use a width that fits the table.
+        console = Console() if sys.stdout.isatty() else Console(width=150)
     items = report.items
     table = Table(
         title=(

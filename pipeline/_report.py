@@ -84,6 +84,7 @@ class StageReport:
         latency_s: p50, p95 and p99 of one attempt, in seconds.
         busy_ratio: Share of the stage's capacity (cap x wall time) in use.
         blocked_s: Worker time spent waiting on a full downstream queue.
+        limit_trace: For ``concurrency = "auto"``: ``[seconds since start, cap]`` at each change.
     """
 
     name: str
@@ -97,6 +98,7 @@ class StageReport:
     latency_s: dict[str, float | None]
     busy_ratio: float
     blocked_s: float
+    limit_trace: list[tuple[float, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._contract import Context, DatabaseHandle, Kind, SharedResources, is_factory, stage_kind
-from ._definition import Pipeline, Stage, _describe
+from ._definition import Pipeline, Stage, _describe, parse_rate
 from ._exceptions import (
     ConfigError,
     PipelineError,
@@ -124,6 +124,15 @@ class _StageRun:
         self._capacity_s = 0.0
         self._capacity_mark = time.perf_counter()
         self._capacity_total = limiter.total
+        self._rate: Any = None
+        if spec.rate is not None:
+            from aiolimiter import AsyncLimiter
+
+            self._rate = AsyncLimiter(*parse_rate(spec.rate))
+        # Set for adaptive stages: called after every attempt with (seconds, error, in_flight).
+        self.observe: Callable[[float, BaseException | None, int], None] | None = None
+        self.limit_trace: list[tuple[float, int]] = []
+        self._adapter: asyncio.Task[None] | None = None
 
     # -- workers -------------------------------------------------------------------------
 
@@ -131,6 +140,31 @@ class _StageRun:
         self._tg = tg
         for _ in range(self.limiter.total):
             self._spawn()
+        auto = self.spec.auto
+        if auto is not None:
+            from ._adaptive import make_controller
+
+            controller = make_controller(auto, self.limiter.total)
+            self.observe = controller.observe
+            self.limit_trace.append((0.0, self.limiter.total))
+            self._adapter = tg.create_task(self._adapt(controller), name=f"pipeline-adapt-{self.name}")
+
+    async def _adapt(self, controller: Any) -> None:
+        """Every ``controller.interval`` seconds, let the controller set the cap."""
+        while True:
+            await asyncio.sleep(controller.interval)
+            now = self._loop.time()
+            new = controller.update(now, self.limiter.borrowed, self.limiter.total)
+            if new != self.limiter.total:
+                self.set_limit(new)
+
+    def set_limit(self, total: int) -> None:
+        """Resize the stage's cap, keeping busy_ratio and the limit trace right."""
+        self.note_capacity()
+        self.limiter.total = total
+        self._capacity_total = total
+        if self.spec.auto is not None:
+            self.limit_trace.append((round(time.perf_counter() - self.runner.started, 3), total))
 
     def _spawn(self) -> None:
         assert self._tg is not None
@@ -152,8 +186,11 @@ class _StageRun:
         finally:
             self.alive -= 1
         # Only reached on a normal end (not cancellation): the last worker closes the next queue.
-        if self.alive == 0 and self.outq is not None:  # pragma: no branch
-            await self.outq.put(_END)
+        if self.alive == 0:
+            if self._adapter is not None:
+                self._adapter.cancel()
+            if self.outq is not None:
+                await self.outq.put(_END)
 
     def note_capacity(self) -> None:
         """Integrate cap x time, so busy_ratio stays right when the cap is resized."""
@@ -263,6 +300,8 @@ class _StageRun:
             # The pause can be extended while we sleep, so look again after each sleep.
             while (delay := self._paused_until - self._loop.time()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(delay)
+        if self._rate is not None:
+            await self._rate.acquire()
         if self._is_async:
             return await self._attempt_async(item)
         return await self._attempt_thread(item)
@@ -271,6 +310,7 @@ class _StageRun:
         limiter = self.limiter
         await limiter.acquire()
         start = time.perf_counter()
+        error: BaseException | None = None
         try:
             if self._timeout is None:
                 result = await self._invoke_async(item)
@@ -282,12 +322,21 @@ class _StageRun:
                     raise StageTimeout(
                         f"stage {self.name!r} timed out after {self._timeout:g}s", stage=self.name
                     ) from exc
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            elapsed = time.perf_counter() - start
+            self._record(time.perf_counter() - start, error)
             limiter.release()
-            self.stats.busy_s += elapsed
-            self.stats.latency.add(elapsed)
         return self._check(result)
+
+    def _record(self, elapsed: float, error: BaseException | None) -> None:
+        """Account one attempt; called while its slot is still held."""
+        stats = self.stats
+        stats.busy_s += elapsed
+        stats.latency.add(elapsed)
+        if self.observe is not None:
+            self.observe(elapsed, error, self.limiter.borrowed)
 
     async def _invoke_async(self, item: dict[str, Any]) -> Any:
         if self._fanout:
@@ -306,6 +355,7 @@ class _StageRun:
         call = self._invoke_thread
         cfut = self.runner.executor.submit(contextvars.copy_context().run, call, item)
         released_later = False
+        error: BaseException | None = None
         try:
             if self._timeout is None:
                 result = await asyncio.wrap_future(cfut)
@@ -319,18 +369,17 @@ class _StageRun:
                         "(its thread runs on until the call returns, holding its slot)",
                         stage=self.name,
                     ) from exc
-        except BaseException:
+        except BaseException as exc:
+            error = exc
             if not cfut.done():
                 released_later = True
                 loop = self._loop
                 cfut.add_done_callback(lambda _: loop.call_soon_threadsafe(limiter.release))
             raise
         finally:
-            elapsed = time.perf_counter() - start
+            self._record(time.perf_counter() - start, error)
             if not released_later:
                 limiter.release()
-            self.stats.busy_s += elapsed
-            self.stats.latency.add(elapsed)
         return self._check(result)
 
     def _invoke_thread(self, item: dict[str, Any]) -> Any:
@@ -383,6 +432,7 @@ class _StageRun:
             latency_s={f"p{q}": hist.percentile(q / 100) for q in (50, 95, 99)},
             busy_ratio=round(min(1.0, stats.busy_s / capacity), 4) if capacity > 0 else 0.0,
             blocked_s=round(stats.blocked_s, 4),
+            limit_trace=list(self.limit_trace),
         )
 
 
@@ -447,7 +497,7 @@ class Runner:
         # lazily, so counting them costs nothing if they turn out to be async.
         return (
             sum(
-                s.concurrency
+                s.max_concurrency
                 for s in self.pipeline.stages
                 if is_factory(s.fn) or stage_kind(s.fn) in ("thread", "thread-gen")
             )
@@ -541,7 +591,7 @@ class Runner:
         p = self.pipeline
         self.queues = [asyncio.Queue(maxsize=s.queue_size or p.queue_size) for s in p.stages]
         for i, spec in enumerate(p.stages):
-            limiter = CapacityLimiter(spec.concurrency, name=f"stage {spec.name!r}")
+            limiter = CapacityLimiter(spec.initial_concurrency, name=f"stage {spec.name!r}")
             fn: Callable[..., Any] = spec.fn
             pause_box: list[_StageRun] = []  # the stage's run exists only once its callable does
 
@@ -549,7 +599,7 @@ class Runner:
                 box[0].pause(seconds)
 
             if is_factory(fn):
-                ctx = self._context(spec.name, limiter, shared, pause)
+                ctx = self._context(spec.name, limiter, shared, pause, spec.max_concurrency)
                 fn = await stack.enter_async_context(spec.fn(ctx, **spec.options))
                 if not callable(fn):
                     raise ConfigError(
@@ -575,6 +625,7 @@ class Runner:
         limiter: CapacityLimiter | None,
         shared: SharedResources,
         pause: Callable[[float], None] | None = None,
+        max_concurrency: int | None = None,
     ) -> Context:
         return Context(
             pipeline=self.pipeline.name,
@@ -584,6 +635,7 @@ class Runner:
             databases=self._databases,
             shared=shared,
             pause=pause,
+            max_concurrency=max_concurrency,
         )
 
     async def _flow(self, source: Any) -> None:

@@ -53,6 +53,7 @@ from pipeline import (
     Context,
     DatabaseHandle,
     Item,
+    Overloaded,
     Skip,
     TransientError,
     factory,
@@ -403,6 +404,8 @@ class Database(abc.ABC):
         else:
             transient = True
         label = f"error {code}: {detail}" if code is not None else f"{type(exc).__name__}: {detail}"
+        if code == 1040:  # too many connections: a loss signal for adaptive limits
+            return Overloaded(f"{action} on {where} failed ({label}); the attempt will be retried.")
         if transient:
             return TransientError(f"{action} on {where} failed ({label}); the attempt will be retried.")
         hint = _MYSQL_HINTS.get(code or 0, "check the SQL, the tables and the DSN").format(

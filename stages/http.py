@@ -28,7 +28,7 @@ import requests
 import requests.adapters
 from urllib3.util.retry import Retry as _Urllib3Retry
 
-from pipeline import ConfigError, Context, Item, RetryAfter, TransientError, factory
+from pipeline import ConfigError, Context, Item, Overloaded, RetryAfter, TransientError, factory
 
 __all__ = ["DEFAULT_USER_AGENT", "DownloadError", "download"]
 
@@ -315,7 +315,7 @@ async def download(
         max_retry_after=max_retry_after,
     )
     check = _HostCheck(allowed_hosts)
-    pool_size = ctx.limiter.total if ctx.limiter is not None else requests.adapters.DEFAULT_POOLSIZE
+    pool_size = ctx.max_concurrency
     request_headers = {"User-Agent": user_agent, **(headers or {})}
     timeout = (connect_timeout, read_timeout)
 
@@ -410,7 +410,9 @@ def _raise_for_status(response: requests.Response, shown: str, max_retry_after: 
             raise RetryAfter(
                 delay, f"GET {shown} answered {said} with Retry-After {raw!r}; pausing the stage {delay:g}s"
             )
-    if status == 429 or status >= 500:
+    if status in (429, 503):
+        raise Overloaded(f"GET {shown} answered {said}")  # a loss signal for adaptive limits
+    if status >= 500:
         raise TransientError(f"GET {shown} answered {said}")
     if 300 <= status < 400:
         raise DownloadError(

@@ -39,6 +39,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline import cpu_bound
+
 __all__ = ["ImageDecodeError", "ImageTooLargeError", "thumbnail"]
 
 OutputFormat = Literal["JPEG", "WEBP", "PNG"]
@@ -59,6 +61,7 @@ class ImageTooLargeError(ImageDecodeError):
     """The image declares more pixels than allowed; it was rejected before any pixel was decoded."""
 
 
+@cpu_bound  # with concurrency = "auto": tuned by throughput, capped at the cores
 def thumbnail(
     item: dict[str, Any],
     *,
@@ -181,9 +184,7 @@ def _open(data: bytes, content_type: object, max_pixels: int) -> Image.Image:
             f"({_describe(data, content_type)})"
         ) from exc
     except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(
-            f"not a decodable image: {exc} ({_describe(data, content_type)})"
-        ) from exc
+        raise ImageDecodeError(f"not a decodable image: {exc} ({_describe(data, content_type)})") from exc
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:
         img.close()
