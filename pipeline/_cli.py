@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: ``run``, ``validate``.
+"""The ``pipeline`` command: ``run``, ``validate``, ``deadletters``, ``retry``.
 
 Exit codes: 0 ok (failures within ``max_failures``), 1 over the threshold or the run failed,
 2 usage or config error, 130 / 143 interrupted by SIGINT / SIGTERM.
@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -28,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="the pipeline's config.toml")
     run.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here")
     run.add_argument("--limit", type=int, metavar="N", help="read at most N items from the source")
-    run.add_argument("--run-id", metavar="ID", help="the run's id (default: name and start time)")
+    run.add_argument(
+        "--run-id", metavar="ID", help="the run's id (default: name and date; rerunning an id resumes it)"
+    )
+    run.add_argument(
+        "--retry-failed", action="store_true", help="on a rerun, take the items that failed again too"
+    )
     group = run.add_mutually_exclusive_group()
     group.add_argument(
         "--progress",
@@ -45,7 +51,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate = sub.add_parser("validate", help="check the config and exit; nothing runs")
     validate.add_argument("config", type=Path, help="the pipeline's config.toml")
+    dead = sub.add_parser("deadletters", help="list a run's failures, grouped by stage and reason")
+    dead.add_argument("config", type=Path, help="the pipeline's config.toml")
+    dead.add_argument("--run-id", metavar="ID", help="the run (default: the latest with failures)")
+    retry = sub.add_parser("retry", help="replay a run's failed items, after the cause is fixed")
+    retry.add_argument("config", type=Path, help="the pipeline's config.toml")
+    retry.add_argument("--run-id", metavar="ID", required=True, help="the run whose failures to replay")
+    retry.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here")
+    retry.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     return parser
+
+
+def _deadletters(pipeline: Any, run_id: str | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ._deadletters import group_dead_letters, latest_run_id
+
+    run_id = run_id or latest_run_id(pipeline)
+    groups = group_dead_letters(pipeline, run_id)
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    if not groups:
+        console.print(f"run {run_id}: no items are still failed")
+        return EXIT_OK
+    table = Table(
+        title=f"run {run_id}: {sum(g.count for g in groups)} items still failed", title_justify="left"
+    )
+    for column in ("items", "stage", "error", "reason", "keys"):
+        table.add_column(column, justify="right" if column == "items" else "left", overflow="fold")
+    for g in groups:
+        more = "" if g.count <= len(g.keys) else f" +{g.count - len(g.keys)}"
+        table.add_row(str(g.count), g.stage, g.error_type, g.reason, ", ".join(map(repr, g.keys)) + more)
+    console.print(table)
+    console.print(f"after fixing the cause: pipeline retry CONFIG --run-id {run_id}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             stages = ", ".join(s.name for s in pipeline.stages)
             print(f"{args.config}: valid. {len(pipeline.stages)} stages: {stages}")
             return EXIT_OK
-        if args.limit is not None and args.limit < 0:
-            raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+        if args.command == "deadletters":
+            return _deadletters(pipeline, args.run_id)
+        limit = getattr(args, "limit", None)
+        if limit is not None and limit < 0:
+            raise ConfigError(f"--limit must be >= 0, got {limit}")
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -76,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     from ._runner import Runner
 
     runner = Runner(
-        pipeline, run_id=args.run_id, limit=args.limit, report_path=args.report, progress=args.progress
+        pipeline,
+        run_id=args.run_id,
+        limit=limit,
+        report_path=args.report,
+        progress=args.progress,
+        retry_failed=getattr(args, "retry_failed", False),
+        only_failed=args.command == "retry",
     )
     try:
         report = asyncio.run(runner.run(handle_signals=True))

@@ -44,6 +44,8 @@ class _PipelineTable(BaseModel):
     max_failures: int = Field(0, ge=0)
     report_dir: str = "runs"
     progress_interval: float = Field(10.0, gt=0)
+    ledger: str | bool = True
+    circuit_breaker: int = Field(0, ge=0)
 
 
 class _DatabaseTable(BaseModel):
@@ -74,6 +76,7 @@ class _SourceTable(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     use: str
     key: str = "id"
+    watermark: str | None = None
 
 
 class _StageTable(BaseModel):
@@ -243,7 +246,12 @@ def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
 
     source_fn = _callable(cfg.source.use, file=file, location="source.use")
     try:
-        source = Source(source_fn, key=cfg.source.key, options=dict(cfg.source.model_extra or {}))
+        source = Source(
+            source_fn,
+            key=cfg.source.key,
+            options=dict(cfg.source.model_extra or {}),
+            watermark=cfg.source.watermark,
+        )
     except ConfigError as exc:
         raise _with_location(exc, file, "source") from None
 
@@ -298,6 +306,8 @@ def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
             max_failures=p.max_failures,
             report_dir=Path(p.report_dir),
             progress_interval=p.progress_interval,
+            ledger=Path(p.ledger) if isinstance(p.ledger, str) else p.ledger,
+            circuit_breaker=p.circuit_breaker,
         )
     except ConfigError as exc:
         raise _with_location(exc, file, "pipeline") from None

@@ -250,11 +250,15 @@ class Source:
             async iterable of dicts, or a :func:`~pipeline.factory` whose value is one.
         key: The field that identifies an item; it names the item in reports and dead letters.
         options: Keyword arguments for ``fn``.
+        watermark: A field that grows when a row changes (for example ``updated_at``). When set,
+            the engine passes ``since=<the largest value of the last successful run>`` to
+            ``fn``, for incremental runs; ``fn`` must then accept ``since``.
     """
 
     fn: Callable[..., Any]
     key: str = "id"
     options: Mapping[str, Any] = field(default_factory=dict)
+    watermark: str | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -262,6 +266,15 @@ class Source:
         object.__setattr__(
             self, "options", validate_options(self.fn, self.options, skip_first=is_factory(self.fn))
         )
+        if self.watermark is not None:
+            try:
+                validate_options(self.fn, {"since": None}, skip_first=is_factory(self.fn))
+            except ConfigError:
+                raise ConfigError(
+                    f"source.watermark is set, but {_describe(self.fn)} takes no 'since' option; "
+                    "use a source that reads incrementally, or remove watermark",
+                    location="watermark",
+                ) from None
 
 
 @dataclass(frozen=True)
@@ -372,6 +385,10 @@ class Pipeline:
         report_dir: Where each run writes ``<run_id>/report.json`` and its dead letters;
             ``None`` writes nothing unless a path is given to :meth:`run`.
         progress_interval: Seconds between progress log lines when not on a terminal.
+        ledger: Where each item's state is recorded, so a rerun of the same run id resumes:
+            ``True`` for ``<report_dir>/ledger.sqlite``, a path, or ``False`` for none.
+        circuit_breaker: Stop the run when one stage fails this many items in a row with the
+            same error (a database down, a full disk); ``0`` turns it off.
     """
 
     source: Source
@@ -383,6 +400,8 @@ class Pipeline:
     max_failures: int = 0
     report_dir: Path | None = Path("runs")
     progress_interval: float = 10.0
+    ledger: Path | bool = True
+    circuit_breaker: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -391,6 +410,8 @@ class Pipeline:
         _check_cap("queue_size", self.queue_size)
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period!r}")
+        if self.circuit_breaker < 0:
+            raise ConfigError(f"circuit_breaker must be >= 0, got {self.circuit_breaker!r}")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures must be >= 0, got {self.max_failures!r}")
         # Names key the report; the same callable used twice gets "name-2", "name-3", ...
@@ -401,6 +422,15 @@ class Pipeline:
             stages.append(dataclasses.replace(stage, name=f"{stage.name}-{n}") if n > 1 else stage)
         object.__setattr__(self, "stages", tuple(stages))
 
+    @property
+    def ledger_path(self) -> Path | None:
+        """The ledger file this pipeline's runs use, or ``None``."""
+        if self.ledger is True:
+            return self.report_dir / "ledger.sqlite" if self.report_dir is not None else None
+        if self.ledger is False:
+            return None
+        return self.ledger
+
     async def run_async(
         self,
         *,
@@ -409,6 +439,7 @@ class Pipeline:
         report_path: Path | None = None,
         progress: bool | None = None,
         handle_signals: bool = False,
+        retry_failed: bool = False,
     ) -> RunReport:
         """Run the pipeline on the running event loop and return its report.
 
@@ -418,10 +449,18 @@ class Pipeline:
             report_path: Also write the report JSON here.
             progress: Show live progress; ``None`` shows it when stderr is a terminal.
             handle_signals: Install SIGINT/SIGTERM handlers for a graceful stop.
+            retry_failed: On a rerun of ``run_id``, take the items that failed again too.
         """
         from ._runner import Runner
 
-        runner = Runner(self, run_id=run_id, limit=limit, report_path=report_path, progress=progress)
+        runner = Runner(
+            self,
+            run_id=run_id,
+            limit=limit,
+            report_path=report_path,
+            progress=progress,
+            retry_failed=retry_failed,
+        )
         return await runner.run(handle_signals=handle_signals)
 
     def run(self, **kwargs: Any) -> RunReport:

@@ -119,6 +119,10 @@ class RunReport:
         error: Why the run failed, when it did.
         dead_letters: Path of the dead-letter file, when anything failed.
         started_at: ISO 8601 start time (UTC).
+        already_done: On a rerun of the run id: items the source yielded that had ended in an
+            earlier attempt (done or skipped), and were not read again.
+        not_retried: On a rerun: items that had failed earlier and were left alone (pass
+            ``--retry-failed`` to take them again).
     """
 
     pipeline: str
@@ -133,6 +137,8 @@ class RunReport:
     error: str | None = None
     dead_letters: str | None = None
     started_at: str = ""
+    already_done: int = 0
+    not_retried: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""

@@ -41,6 +41,7 @@ from ._exceptions import (
     StageMisuse,
     StageTimeout,
 )
+from ._ledger import Ledger
 from ._limiter import CapacityLimiter
 from ._report import DeadLetterWriter, ItemCounts, LatencyHistogram, RunReport, StageReport, utc_now
 
@@ -61,13 +62,16 @@ _SOURCE_BATCH: Final = 256
 class _Ticket:
     """One source item's fate; fan-out children share it."""
 
-    __slots__ = ("failed", "key", "ok", "pending")
+    __slots__ = ("attempts", "error", "failed", "key", "ok", "pending", "stage")
 
     def __init__(self, key: object):
         self.key = key
         self.pending = 1
         self.ok = False
         self.failed = False
+        self.attempts = 1
+        self.stage: str | None = None
+        self.error: str | None = None
 
 
 class _Failed(Exception):
@@ -133,6 +137,8 @@ class _StageRun:
         self.observe: Callable[[float, BaseException | None, int], None] | None = None
         self.limit_trace: list[tuple[float, int]] = []
         self._adapter: asyncio.Task[None] | None = None
+        self._streak = 0
+        self._streak_signature: tuple[Any, ...] | None = None
 
     # -- workers -------------------------------------------------------------------------
 
@@ -205,16 +211,19 @@ class _StageRun:
         item, ticket = env
         stats = self.stats
         try:
-            result = await self._call(item)
+            result = await self._call(item, ticket)
         except Skip:
             stats.skipped += 1
+            self._streak = 0
             self.runner.settle(ticket, None)
             return
         except _Failed as failure:
             stats.failed += 1
             self.runner.fail(ticket, self.name, failure.error, failure.attempts)
+            self._note_failure(failure.error)
             return
         stats.ok += 1
+        self._streak = 0
         if self._fanout:
             if not result:
                 self.runner.settle(ticket, None)  # fanned out to nothing: skipped
@@ -224,6 +233,20 @@ class _StageRun:
                 await self._emit(child, ticket)
         else:
             await self._emit(result, ticket)
+
+    def _note_failure(self, error: BaseException) -> None:
+        """Count failures in a row with the same error, for the circuit breaker."""
+        limit = self.runner.pipeline.circuit_breaker
+        if not limit:
+            return
+        cause = error.__cause__
+        signature = (type(error), type(cause), getattr(error, "errno", None) or getattr(cause, "errno", None))
+        if signature == self._streak_signature:
+            self._streak += 1
+        else:
+            self._streak_signature, self._streak = signature, 1
+        if self._streak >= limit:
+            self.runner.trip(self.name, error, self._streak)
 
     async def _emit(self, item: dict[str, Any], ticket: _Ticket) -> None:
         q = self.outq
@@ -236,7 +259,7 @@ class _StageRun:
         else:
             q.put_nowait((item, ticket))
 
-    async def _call(self, item: dict[str, Any]) -> Any:
+    async def _call(self, item: dict[str, Any], ticket: _Ticket) -> Any:
         """Run attempts until one succeeds, the policy gives up, or a permanent error.
 
         The first attempt runs without tenacity: most items succeed first time, and building
@@ -254,9 +277,9 @@ class _StageRun:
             first = exc
         except Exception as exc:
             raise _Failed(exc, 1) from exc
-        return await self._retry(item, first)
+        return await self._retry(item, first, ticket)
 
-    async def _retry(self, item: dict[str, Any], first: BaseException) -> Any:
+    async def _retry(self, item: dict[str, Any], first: BaseException, ticket: _Ticket) -> Any:
         import tenacity  # deferred: only items that failed once pay for it
 
         retry = self.spec.retry
@@ -276,7 +299,9 @@ class _StageRun:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    return await self._attempt(item)
+                    result = await self._attempt(item)
+                    ticket.attempts = max(ticket.attempts, attempts)
+                    return result
         except Skip:
             raise
         except Exception as exc:
@@ -447,11 +472,16 @@ class Runner:
         limit: int | None = None,
         report_path: Path | None = None,
         progress: bool | None = None,
+        retry_failed: bool = False,
+        only_failed: bool = False,
     ):
         if limit is not None and limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {limit!r}")
         self.pipeline = pipeline
-        self.run_id = run_id or f"{pipeline.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        # The default run id names the night: a rerun the same day resumes it.
+        self.run_id = run_id or f"{pipeline.name}-{time.strftime('%Y-%m-%d')}"
+        self.retry_failed = retry_failed or only_failed
+        self.only_failed = only_failed
         self.limit = limit
         self.report_path = report_path
         self.progress = progress
@@ -480,8 +510,14 @@ class Runner:
         self.ok = 0
         self.failed = 0
         self.skipped = 0
+        self.already_done = 0
+        self.not_retried = 0
+        self.ledger: Ledger | None = None
+        self._watermark: Any = None
         self._open: set[_Ticket] = set()
+        self._in_flight_keys: dict[Any, _Ticket] = {}
         self._stop_signal: int | None = None
+        self._stop_error: str | None = None
         self._stopping = asyncio.Event()
         self._grace_expired = False
         self._flow_task: asyncio.Task[None] | None = None
@@ -518,18 +554,40 @@ class Runner:
         """One branch of ``ticket`` failed in ``stage``: dead-letter it."""
         self.dead.write(key=ticket.key, stage=stage, error=error, attempts=attempts)
         ticket.failed = True
+        ticket.stage = stage
+        ticket.error = f"{type(error).__name__}: {error}"
+        ticket.attempts = max(ticket.attempts, attempts)
         ticket.pending -= 1
         if ticket.pending == 0:
             self._close(ticket)
 
     def _close(self, ticket: _Ticket) -> None:
         self._open.discard(ticket)
+        if self._in_flight_keys.get(ticket.key) is ticket:
+            del self._in_flight_keys[ticket.key]
         if ticket.failed:
             self.failed += 1
+            state = "failed"
         elif ticket.ok:
             self.ok += 1
+            state = "done"
         else:
             self.skipped += 1
+            state = "skipped"
+        if self.ledger is not None:
+            self.ledger.record(ticket.key, state, ticket.attempts, ticket.stage, ticket.error)
+
+    def trip(self, stage: str, error: BaseException, streak: int) -> None:
+        """The circuit breaker: a stage failed ``streak`` items in a row with the same error."""
+        if self._stop_error is None:
+            self._stop_error = (
+                f"circuit breaker: stage {stage!r} failed {streak} items in a row with the same error "
+                f"({type(error).__name__}: {error}); the run stopped rather than dead-letter the whole "
+                "batch. Fix the cause (a database down, a full disk, a wrong URL base), then rerun: "
+                "done items are not redone"
+            )
+            log.error("%s", self._stop_error)
+            self._stop_reading()
 
     # -- the run -------------------------------------------------------------------------
 
@@ -545,8 +603,21 @@ class Runner:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop, sig)
                 installed.append(sig)
+        flusher: asyncio.Task[None] | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
+                ledger_path = self.pipeline.ledger_path
+                if ledger_path is not None:
+                    self.ledger = Ledger(ledger_path, pipeline=self.pipeline.name, run_id=self.run_id)
+                    if self.only_failed and not self.ledger.counts().get("failed"):
+                        raise ConfigError(
+                            f"run {self.run_id!r} has no failed items in the ledger {ledger_path}; "
+                            "check the run id (`pipeline deadletters CONFIG` lists runs with failures)"
+                        )
+                    if self.ledger.resuming:
+                        log.info("resuming run %s: %s", self.run_id, self.ledger.counts())
+                    self.ledger.start_run(started_at)
+                    flusher = asyncio.create_task(self.ledger.flush_periodically(), name="pipeline-ledger")
                 shared = SharedResources()
                 stack.push_async_exit(shared.stack)  # closed after every stage's own resources
                 source = await self._open_source(stack, shared)
@@ -566,12 +637,20 @@ class Runner:
         except Exception as exc:  # recorded in the report, then re-raised
             error = _unwrap(exc)
         finally:
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self.dead.close()
             await _shutdown_executor(self.executor)
             loop.set_default_executor(concurrent.futures.ThreadPoolExecutor())
         report = self._report(started_at, error)
+        if self.ledger is not None:
+            await self.ledger.flush()
+            self.ledger.finish_run(report.status, None if self._watermark is None else str(self._watermark))
+            self.ledger.close()
         for path in (self.run_dir / "report.json" if self.run_dir else None, self.report_path):
             if path is not None:
                 report.write(path)
@@ -582,10 +661,17 @@ class Runner:
 
     async def _open_source(self, stack: contextlib.AsyncExitStack, shared: SharedResources) -> Any:
         spec = self.pipeline.source
+        options = dict(spec.options)
+        if spec.watermark is not None and self.ledger is not None and not self.only_failed:
+            # Incremental nights: only rows changed since the last successful run.
+            since = self.ledger.last_watermark()
+            if since is not None:
+                options["since"] = since
+                log.info("incremental run: rows with %s > %s", spec.watermark, since)
         if is_factory(spec.fn):
             ctx = self._context("source", None, shared)
-            return await stack.enter_async_context(spec.fn(ctx, **spec.options))
-        return spec.fn(**spec.options)
+            return await stack.enter_async_context(spec.fn(ctx, **options))
+        return spec.fn(**options)
 
     async def _open_stages(self, stack: contextlib.AsyncExitStack, shared: SharedResources) -> None:
         p = self.pipeline
@@ -647,7 +733,11 @@ class Runner:
     async def _feed(self, source: Any) -> None:
         q = self.queues[0]
         key_field = self.pipeline.source.key
+        watermark = self.pipeline.source.watermark
         limit = self.limit
+        # Only a rerun of a run id pays for ledger lookups.
+        ledger = self.ledger if self.ledger is not None and self.ledger.resuming else None
+        in_flight = self._in_flight_keys
         async with contextlib.aclosing(self._rows(source)) as rows:
             async for row in rows:
                 if not isinstance(row, dict):
@@ -655,29 +745,74 @@ class Runner:
                         f"the source yielded {type(row).__name__}, expected a dict per item "
                         f"({_describe(self.pipeline.source.fn)})"
                     )
-                ticket = _Ticket(row.get(key_field))
+                key = row.get(key_field)
+                if ledger is not None and self._already_ended(ledger, key):
+                    continue
+                ticket = _Ticket(key)
                 self.read += 1
                 self._open.add(ticket)
-                if key_field not in row:
-                    self.fail(
-                        ticket,
-                        "source",
-                        SourceError(
-                            f"the source row has no {key_field!r} field, which is the configured key; "
-                            f"its fields are {sorted(row)!r}"
-                        ),
-                        1,
-                    )
-                elif q.full():
-                    await q.put((row, ticket))
+                problem = self._check_key(row, key_field, key, in_flight)
+                if problem is not None:
+                    self.fail(ticket, "source", SourceError(problem), 1)
                 else:
-                    q.put_nowait((row, ticket))
+                    in_flight[key] = ticket
+                    if watermark is not None:
+                        self._advance_watermark(row.get(watermark))
+                    if q.full():
+                        await q.put((row, ticket))
+                    else:
+                        q.put_nowait((row, ticket))
                 if (limit is not None and self.read >= limit) or self._stopping.is_set():
                     break
         # Not in a finally: after an error the consumers are being cancelled, and a put into a
         # full queue would wait for them forever.
         self._feeder = None
         await q.put(_END)
+
+    def _already_ended(self, ledger: Ledger, key: object) -> bool:
+        """On a rerun: whether ``key`` ended in an earlier attempt and is not taken again."""
+        try:
+            state = ledger.state(key)
+        except TypeError:
+            return False  # an odd key: let the key check fail the item with a reason
+        if self.only_failed:
+            return state != "failed"
+        if state == "failed" and not self.retry_failed:
+            self.not_retried += 1
+            return True
+        if state in ("done", "skipped"):
+            self.already_done += 1
+            return True
+        return False
+
+    @staticmethod
+    def _check_key(
+        row: dict[str, Any], key_field: str, key: object, in_flight: dict[Any, _Ticket]
+    ) -> str | None:
+        """Why this row cannot go in, or ``None``."""
+        if key_field not in row:
+            return (
+                f"the source row has no {key_field!r} field, which is the configured key; "
+                f"its fields are {sorted(row)!r}"
+            )
+        if key is None or key == "":
+            return f"the source row's key {key_field!r} is {key!r}; every item needs a key"
+        try:
+            duplicate = key in in_flight
+        except TypeError:
+            return f"the source row's key {key!r} is a {type(key).__name__}, which cannot be a key"
+        if duplicate:
+            return f"duplicate key {key!r}: an item with this key is already in flight in this run"
+        return None
+
+    def _advance_watermark(self, value: Any) -> None:
+        if value is None:
+            return
+        try:
+            if self._watermark is None or value > self._watermark:
+                self._watermark = value
+        except TypeError:
+            log.warning("watermark values of different types: %r and %r", self._watermark, value)
 
     async def _rows(self, source: Any) -> AsyncGenerator[Any, None]:
         """Yield the source's rows, reading a plain iterator in the thread pool in batches."""
@@ -737,24 +872,28 @@ class Runner:
 
         A second request cancels what is left at once.
         """
-        loop = asyncio.get_running_loop()
         if self._stop_signal is not None:
             log.warning("second stop request: cancelling in-flight items now")
             self._expire_grace()
             return
         self._stop_signal = signum
-        self._stopping.set()
-        grace = self.pipeline.grace_period
         log.warning(
             "received %s: no more items will be read; %d in flight get %.0fs to finish",
             signal.Signals(signum).name,
             len(self._open),
-            grace,
+            self.pipeline.grace_period,
         )
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        """Read no more items; what is in flight gets the grace period, then is cancelled."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
         feeder = self._feeder
         if feeder is not None and self._feeding_source:
             feeder.cancel()  # waiting on the source: stop waiting. (Never while it holds a row.)
-        loop.call_later(grace, self._expire_grace)
+        asyncio.get_running_loop().call_later(self.pipeline.grace_period, self._expire_grace)
 
     def _expire_grace(self) -> None:
         if self._flow_task is not None and not self._flow_task.done() and not self._grace_expired:
@@ -766,7 +905,7 @@ class Runner:
         wall = time.perf_counter() - self.started
         unfinished = len(self._open)
         stages = [s.report(wall) for s in self.stages]
-        if error is not None:
+        if error is not None or self._stop_error is not None:
             status, code = "failed", 1
         elif self._stop_signal is not None:
             status, code = "interrupted", 128 + self._stop_signal
@@ -777,6 +916,8 @@ class Runner:
         message = None
         if error is not None:
             message = f"{type(error).__name__}: {error}"
+        elif self._stop_error is not None:
+            message = self._stop_error
         elif status == "failed":
             message = (
                 f"{self.failed} items failed, more than max_failures = {self.pipeline.max_failures}; "
@@ -795,6 +936,8 @@ class Runner:
             error=message,
             dead_letters=str(self.dead.path) if self.dead.count and self.dead.path else None,
             started_at=started_at,
+            already_done=self.already_done,
+            not_retried=self.not_retried,
         )
 
 

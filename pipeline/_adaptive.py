@@ -1,0 +1,379 @@
+"""Adaptive limits: the controllers behind ``concurrency = "auto"``.
+
+The runner owns the clock and the limiter; a controller only does arithmetic. After every
+attempt the runner calls ``observe(latency_s, error, in_flight)``, and every ``interval`` seconds
+``update(now, in_flight, limit) -> new_limit``. Nothing here awaits, sleeps or reads the time
+except through the injected ``clock``, so the unit tests drive them in virtual time.
+
+Two algorithms:
+
+* :class:`GradientController` (IO stages) follows the latency of the call itself, in the manner
+  of Netflix's Gradient2 and Envoy's adaptive concurrency filter: the ratio of a no-load
+  latency (the *baseline*) to the latency now (the *short* window) says whether the extra slots
+  buy throughput or only queueing downstream. Loss signals (``Overloaded``/``RetryAfter``,
+  timeouts) cut the limit multiplicatively.
+* :class:`ThroughputController` (CPU stages) climbs the hill of completions per second, one
+  slot at a time, because a CPU stage's latency says little: it grows with every extra thread
+  even while throughput still rises.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from ._definition import Auto
+from ._exceptions import Overloaded
+
+__all__ = ["Controller", "GradientController", "ThroughputController", "is_loss", "make_controller"]
+
+Clock = Callable[[], float]
+
+
+class Controller(Protocol):
+    """What the runner needs of an adaptive controller."""
+
+    interval: float
+    """Seconds between calls of :meth:`update`."""
+
+    def observe(self, latency: float, error: BaseException | None, in_flight: int) -> None:
+        """Account one attempt: its duration, its error (``None`` if it succeeded), and the
+        slots held when it ended, itself included."""
+
+    def update(self, now: float, in_flight: int, limit: int) -> int:
+        """Return the limit to use from ``now`` on, given the slots held and the current limit."""
+
+
+def is_loss(error: BaseException | None) -> bool:
+    """Whether ``error`` says the downstream is saturated: ``Overloaded`` (429, 503, too many
+    connections, ``RetryAfter``) or a timeout (``TimeoutError``, ``StageTimeout``)."""
+    return isinstance(error, Overloaded | TimeoutError)
+
+
+def make_controller(auto: Auto, initial: int, clock: Clock = time.monotonic) -> Controller:
+    """Build the controller ``auto`` asks for, starting from ``initial`` slots.
+
+    ``auto`` should be resolved (:meth:`Auto.resolve`); a missing ``max`` is taken as
+    ``initial``'s order of magnitude above the minimum, never below ``initial``.
+    """
+    low = auto.min
+    high = max(auto.max if auto.max is not None else max(initial, low) * 16, low)
+    start = min(max(initial, low), high)
+    if auto.algorithm == "throughput":
+        return ThroughputController(low, high, start, clock=clock)
+    return GradientController(low, high, start, clock=clock)
+
+
+class GradientController:
+    """Latency-gradient limit for IO stages.
+
+    Every update with enough good samples:
+
+    * ``short`` = the median latency of this interval's successful calls;
+    * ``baseline`` = the lowest ``short`` over the last ``baseline_window`` seconds (the
+      no-load latency, as Envoy's minRTT), re-measured by a *probe* (the limit halved for one
+      interval) every ``probe_every`` seconds, and taken as is when the limit is already at
+      ``min`` (we cannot go lower, so the latency is not ours);
+    * ``gradient`` = ``clamp(tolerance * baseline / short, 0.5, 1)``;
+    * the target is ``limit * gradient``, plus ``sqrt(limit)`` of headroom when latency is
+      within tolerance and the stage uses what it has; the limit moves ``smoothing`` of the
+      way there. Until the first sign of congestion it doubles instead (slow start).
+
+    Loss (``Overloaded``, ``RetryAfter``, timeouts) cuts the limit to ``limit * backoff`` at
+    once, to ``0.95 x successes/s x median latency`` (Little's law: the concurrency the
+    downstream really sustained) when that is lower, within 10%..50% of the limit (deeper when
+    most calls failed). Losses from calls that started before the previous cut are ignored, so
+    one burst is one cut, as TCP does once per round trip. After a loss the limit grows by at
+    most one slot per ``after_loss_hold`` updates, and for ``loss_memory`` seconds never back to
+    the level that drew the loss.
+
+    A fast failure (an error that is not a loss) is never a latency sample. The limit never
+    grows while the stage is *app-limited*: the mean in-flight count seen at completions is
+    below ``utilisation * limit``.
+    """
+
+    def __init__(
+        self,
+        min_limit: int,
+        max_limit: int,
+        initial: int,
+        *,
+        clock: Clock = time.monotonic,
+        interval: float = 0.1,
+        tolerance: float = 1.25,
+        smoothing: float = 0.5,
+        backoff: float = 0.75,
+        mild_backoff: float = 0.9,
+        loss_memory: float = 10.0,
+        min_samples: int = 5,
+        utilisation: float = 0.8,
+        baseline_window: float = 30.0,
+        probe_every: float = 30.0,
+        after_loss_hold: int = 4,
+    ):
+        if not 1 <= min_limit <= initial <= max_limit:
+            raise ValueError(f"need 1 <= min <= initial <= max, got {min_limit}, {initial}, {max_limit}")
+        self.interval = interval
+        self.min = min_limit
+        self.max = max_limit
+        self.tolerance = tolerance
+        self.smoothing = smoothing
+        self.backoff = backoff
+        self.mild_backoff = mild_backoff
+        self.loss_memory = loss_memory
+        self.min_samples = min_samples
+        self.utilisation = utilisation
+        self.baseline_window = baseline_window
+        self.probe_every = probe_every
+        self.after_loss_hold = after_loss_hold
+        self._clock = clock
+        self._limit = float(initial)
+        self._slow_start = True
+        self._good: list[float] = []
+        self._losses = 0
+        self._in_flight_sum = 0
+        self._in_flight_n = 0
+        self._last_cut = -math.inf
+        self._loss_level = math.inf  # the limit at which the last loss happened
+        self._since_growth = 0
+        self._history: deque[tuple[float, float]] = deque()  # (time, short) for the baseline
+        self._last_probe: float | None = None
+        self._last_update: float | None = None
+        self._probing: float | None = None  # the limit to go back to after a probe
+        self.baseline: float | None = None
+        self.short: float | None = None
+
+    @property
+    def limit(self) -> float:
+        """The current estimate, before rounding."""
+        return self._limit
+
+    def observe(self, latency: float, error: BaseException | None, in_flight: int) -> None:
+        """Account one attempt (see :class:`Controller`)."""
+        self._in_flight_sum += in_flight
+        self._in_flight_n += 1
+        if error is None:
+            self._good.append(latency)
+        elif is_loss(error) and self._clock() - latency >= self._last_cut:
+            self._losses += 1
+
+    def update(self, now: float, in_flight: int, limit: int) -> int:
+        """Return the new limit (see :class:`Controller`)."""
+        if self._last_probe is None:
+            self._last_probe = now
+        elapsed = now - self._last_update if self._last_update is not None else self.interval
+        self._last_update = now
+        if self._losses:
+            return self._on_loss(now, elapsed)
+        if len(self._good) < self.min_samples:
+            return self._rounded()  # keep accumulating until the interval says something
+        short = statistics.median(self._good)
+        mean_in_flight = self._in_flight_sum / max(1, self._in_flight_n)
+        self._reset_window()
+        self.short = short
+        if self._probing is not None:
+            # The probe's latency, at half the limit, is the new no-load latency.
+            self._history.clear()
+            self._history.append((now, short))
+            self.baseline = short
+            self._limit = max(self._probing, self.min)
+            self._probing = None
+            self._last_probe = now
+            return self._rounded()
+        self._remember(now, short)
+        assert self.baseline is not None
+        if now - self._last_probe >= self.probe_every and self._limit >= 2 * self.min:
+            self._probing = self._limit
+            self._limit = max(self.min, self._limit / 2)
+            return self._rounded()
+        congested = short > self.tolerance * self.baseline
+        app_limited = mean_in_flight < self.utilisation * self._limit
+        if congested:
+            self._slow_start = False
+            if self._limit <= self.min:
+                # Already as low as allowed: this latency is the downstream's, not our queueing.
+                self._history.clear()
+                self._history.append((now, short))
+                self.baseline = short
+                return self._rounded()
+        if app_limited and not congested:
+            return self._rounded()
+        if self._slow_start:
+            self._limit = min(self.max, self._limit * 2)
+            return self._rounded()
+        gradient = max(0.5, min(1.0, self.tolerance * self.baseline / short))
+        target = self._limit * gradient
+        if not congested:
+            target += math.sqrt(self._limit)
+        new = self._limit + self.smoothing * (target - self._limit)
+        if new > self._limit and self._loss_level < math.inf:
+            # Once the downstream has shed load, grow one slot per few intervals only; and
+            # for loss_memory seconds not back up to the level that drew the loss.
+            self._since_growth += 1
+            grown = self._limit + 1 if self._since_growth >= self.after_loss_hold else self._limit
+            new = min(new, grown)
+            if now - self._last_cut < self.loss_memory:
+                new = min(new, max(self._limit, self._loss_level - 1))
+            if new > self._limit:
+                self._since_growth = 0
+        self._limit = min(self.max, max(self.min, new))
+        return self._rounded()
+
+    def _on_loss(self, now: float, elapsed: float) -> int:
+        good = self._good
+        self._slow_start = False
+        if self._probing is not None:
+            self._limit = self._probing
+            self._probing = None
+        self._loss_level = self._limit
+        cut = self._limit * self.backoff
+        if len(good) >= self.min_samples and elapsed > 0:
+            # Little's law: what the downstream really took, successes per second times the
+            # time each took, is the concurrency it can sustain. Aim just below it.
+            # Trust it fully when most calls failed; otherwise cut between 10% and 50%.
+            sustained = 0.95 * len(good) / elapsed * statistics.median(good)
+            floor = self._limit * 0.5 if self._losses <= len(good) else self.min
+            cut = max(floor, min(sustained, self._limit * self.mild_backoff))
+        self._limit = max(self.min, cut)
+        self._last_cut = now
+        self._since_growth = 0
+        self._reset_window()
+        return self._rounded()
+
+    def _remember(self, now: float, short: float) -> None:
+        history = self._history
+        history.append((now, short))
+        while history and history[0][0] < now - self.baseline_window:
+            history.popleft()
+        self.baseline = min(s for _, s in history)
+
+    def _reset_window(self) -> None:
+        self._good = []
+        self._losses = 0
+        self._in_flight_sum = 0
+        self._in_flight_n = 0
+
+    def _rounded(self) -> int:
+        return min(self.max, max(self.min, round(self._limit)))
+
+
+class ThroughputController:
+    """Hill climbing on completions per second, for CPU stages.
+
+    Each *epoch* (at least ``interval`` seconds and ``min_completions`` successful calls, after
+    one interval of warm-up following a change) measures the throughput at the current limit.
+    Then:
+
+    * if the last move raised throughput by more than ``noise``, move again the same way;
+    * if it lowered it by more than ``noise``, go back and stay ``hold`` epochs;
+    * if it changed nothing, keep the smaller of the two limits (fewer threads, same work)
+      and stay ``hold`` epochs.
+
+    After a hold it probes again, alternately up and down, one slot at a time, so a shifted
+    optimum is found. The limit stays within ``[min, max]``; ``max`` defaults to the core
+    count for a :func:`~pipeline.cpu_bound` stage.
+    """
+
+    def __init__(
+        self,
+        min_limit: int,
+        max_limit: int,
+        initial: int,
+        *,
+        clock: Clock = time.monotonic,
+        interval: float = 0.2,
+        min_completions: int = 8,
+        noise: float = 0.05,
+        hold: int = 6,
+    ):
+        if not 1 <= min_limit <= initial <= max_limit:
+            raise ValueError(f"need 1 <= min <= initial <= max, got {min_limit}, {initial}, {max_limit}")
+        self.interval = interval
+        self.min = min_limit
+        self.max = max_limit
+        self.min_completions = min_completions
+        self.noise = noise
+        self.hold = hold
+        self._clock = clock
+        self._limit = initial
+        self._done = 0
+        self._epoch_start: float | None = None
+        self._warming = False
+        self._prev: tuple[int, float] | None = None  # (limit, throughput) before the last move
+        self._direction = 1
+        self._holding = 0
+        self._next_probe = 1
+        self.throughput: float | None = None
+
+    @property
+    def limit(self) -> int:
+        """The current limit."""
+        return self._limit
+
+    def observe(self, latency: float, error: BaseException | None, in_flight: int) -> None:
+        """Count one completion (see :class:`Controller`); failures are not work done."""
+        if error is None:
+            self._done += 1
+
+    def update(self, now: float, in_flight: int, limit: int) -> int:
+        """Return the new limit (see :class:`Controller`)."""
+        if self._epoch_start is None or self._warming:
+            self._start_epoch(now)
+            self._warming = False
+            return self._limit
+        elapsed = now - self._epoch_start
+        if elapsed < self.interval or self._done < self.min_completions:
+            return self._limit
+        tput = self._done / elapsed
+        self.throughput = tput
+        self._start_epoch(now)
+        here = self._limit
+        if self._holding > 0:
+            self._holding -= 1
+            self._prev = (here, tput)
+            if self._holding == 0:
+                self._direction = self._next_probe
+                self._next_probe = -self._next_probe
+                return self._move(here, tput)
+            return here
+        if self._prev is None:
+            return self._move(here, tput)
+        before, before_tput = self._prev
+        if tput > before_tput * (1 + self.noise):
+            return self._move(here, tput)  # the move helped: again
+        if tput < before_tput * (1 - self.noise):
+            self._direction = -self._direction  # the move hurt: go back and settle
+            self._holding = self.hold
+            self._set(before)
+            self._prev = (before, before_tput)
+            return self._limit
+        # No difference: fewer slots doing the same work is better.
+        self._holding = self.hold
+        self._set(min(here, before))
+        self._prev = (self._limit, max(tput, before_tput))
+        return self._limit
+
+    def _move(self, here: int, tput: float) -> int:
+        target = here + self._direction
+        self._prev = (here, tput)
+        if not self.min <= target <= self.max:
+            # At an edge (for a CPU stage, usually max = cores): settle, and probe the other
+            # way next time.
+            self._holding = self.hold
+            self._next_probe = -self._direction
+            return here
+        self._set(target)
+        return self._limit
+
+    def _set(self, limit: int) -> None:
+        if limit != self._limit:
+            self._limit = limit
+            self._warming = True
+
+    def _start_epoch(self, now: float) -> None:
+        self._epoch_start = now
+        self._done = 0
