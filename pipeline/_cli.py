@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,4 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(report)
     if runner.run_dir is not None:
         print(f"report: {runner.run_dir / 'report.json'}", file=sys.stderr)
+    if report.abandoned_threads:
+        # The interpreter would join the stuck threads at exit, forever: leave without them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(report.exit_code)
     return report.exit_code

@@ -89,6 +89,7 @@ class _StageTable(BaseModel):
     retry: _RetryTable | None = None
     kind: Literal["async", "thread"] | None = None
     rate: str | None = None
+    always: bool = False
 
     @field_validator("concurrency", mode="wrap")
     @classmethod
@@ -284,6 +285,7 @@ def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
                     name=table.name or table.use.rpartition(":")[2] or table.use,
                     concurrency=concurrency,
                     rate=table.rate,
+                    always=table.always,
                     queue_size=table.queue_size,
                     timeout=table.timeout,
                     retry=retry,

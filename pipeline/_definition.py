@@ -292,6 +292,9 @@ class Stage:
         options: Keyword arguments for ``fn``.
         kind: ``"async"`` or ``"thread"`` to assert how ``fn`` must run; a mismatch is refused.
         rate: At most this many attempts per period, for example ``"50/s"`` (aiolimiter).
+        always: This stage also receives the items that failed or were skipped upstream, with
+            ``status`` (``"failed"`` or ``"skipped"``), ``error`` and ``failed_stage`` set, so it
+            can record them (a results table). They still count as failed or skipped.
     """
 
     fn: Callable[..., Any]
@@ -303,6 +306,7 @@ class Stage:
     options: Mapping[str, Any] = field(default_factory=dict)
     kind: Literal["async", "thread"] | None = None
     rate: str | None = None
+    always: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

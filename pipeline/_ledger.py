@@ -96,7 +96,8 @@ class Ledger:
     def failed(self) -> list[tuple[str, int, str | None, str | None]]:
         """This run's failed items: ``(key as JSON, attempts, stage, error)``."""
         rows = self._reader.execute(
-            "SELECT key, attempts, stage, error FROM items WHERE run_id = ? AND state = 'failed' ORDER BY key",
+            "SELECT key, attempts, stage, error FROM items "
+            "WHERE run_id = ? AND state = 'failed' ORDER BY key",
             (self.run_id,),
         ).fetchall()
         return [(str(k), int(a), s, e) for k, a, s, e in rows]
@@ -163,7 +164,8 @@ class Ledger:
     def finish_run(self, status: str, watermark: str | None) -> None:
         """Note how this run ended, and its watermark when it succeeded."""
         self._db.execute(
-            "UPDATE runs SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) WHERE run_id = ?",
+            "UPDATE runs SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) "
+            "WHERE run_id = ?",
             (status, utc_now(), watermark if status == "ok" else None, self.run_id),
         )
 

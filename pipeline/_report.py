@@ -123,6 +123,8 @@ class RunReport:
             earlier attempt (done or skipped), and were not read again.
         not_retried: On a rerun: items that had failed earlier and were left alone (pass
             ``--retry-failed`` to take them again).
+        abandoned_threads: Worker threads still stuck in a stage call when the run ended (a
+            thread cannot be cancelled); the CLI exits without waiting for them.
     """
 
     pipeline: str
@@ -139,6 +141,7 @@ class RunReport:
     started_at: str = ""
     already_done: int = 0
     not_retried: int = 0
+    abandoned_threads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""

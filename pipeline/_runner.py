@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import random
@@ -62,13 +63,14 @@ _SOURCE_BATCH: Final = 256
 class _Ticket:
     """One source item's fate; fan-out children share it."""
 
-    __slots__ = ("attempts", "error", "failed", "key", "ok", "pending", "stage")
+    __slots__ = ("attempts", "error", "failed", "key", "ok", "pending", "skip", "stage")
 
     def __init__(self, key: object):
         self.key = key
         self.pending = 1
         self.ok = False
         self.failed = False
+        self.skip = False  # skipped upstream, then recorded by an ``always`` stage
         self.attempts = 1
         self.stage: str | None = None
         self.error: str | None = None
@@ -139,6 +141,8 @@ class _StageRun:
         self._adapter: asyncio.Task[None] | None = None
         self._streak = 0
         self._streak_signature: tuple[Any, ...] | None = None
+        # The next stage with always=True: items that fail or are skipped here go on to it.
+        self.always_target: _StageRun | None = None
 
     # -- workers -------------------------------------------------------------------------
 
@@ -212,15 +216,22 @@ class _StageRun:
         stats = self.stats
         try:
             result = await self._call(item, ticket)
-        except Skip:
+        except Skip as skip:
             stats.skipped += 1
             self._streak = 0
-            self.runner.settle(ticket, None)
+            if self.always_target is None:
+                self.runner.settle(ticket, None)
+            else:
+                ticket.skip = True
+                await self._divert(item, ticket, "skipped", str(skip) or None)
             return
         except _Failed as failure:
             stats.failed += 1
-            self.runner.fail(ticket, self.name, failure.error, failure.attempts)
+            target = self.always_target
+            self.runner.fail(ticket, self.name, failure.error, failure.attempts, ends=target is None)
             self._note_failure(failure.error)
+            if target is not None:
+                await self._divert(item, ticket, "failed", ticket.error)
             return
         stats.ok += 1
         self._streak = 0
@@ -233,6 +244,12 @@ class _StageRun:
                 await self._emit(child, ticket)
         else:
             await self._emit(result, ticket)
+
+    async def _divert(self, item: dict[str, Any], ticket: _Ticket, status: str, error: str | None) -> None:
+        """Send an item that failed or was skipped here on to the next ``always`` stage."""
+        assert self.always_target is not None
+        item = {**item, "status": status, "error": error, "failed_stage": self.name}
+        await self.always_target.inq.put((item, ticket))
 
     def _note_failure(self, error: BaseException) -> None:
         """Count failures in a row with the same error, for the circuit breaker."""
@@ -398,8 +415,7 @@ class _StageRun:
             error = exc
             if not cfut.done():
                 released_later = True
-                loop = self._loop
-                cfut.add_done_callback(lambda _: loop.call_soon_threadsafe(limiter.release))
+                cfut.add_done_callback(functools.partial(_release_from_thread, self._loop, limiter))
             raise
         finally:
             self._record(time.perf_counter() - start, error)
@@ -512,6 +528,7 @@ class Runner:
         self.skipped = 0
         self.already_done = 0
         self.not_retried = 0
+        self.abandoned_threads = 0
         self.ledger: Ledger | None = None
         self._watermark: Any = None
         self._open: set[_Ticket] = set()
@@ -550,16 +567,22 @@ class Runner:
         if ticket.pending == 0:
             self._close(ticket)
 
-    def fail(self, ticket: _Ticket, stage: str, error: BaseException, attempts: int) -> None:
-        """One branch of ``ticket`` failed in ``stage``: dead-letter it."""
+    def fail(
+        self, ticket: _Ticket, stage: str, error: BaseException, attempts: int, *, ends: bool = True
+    ) -> None:
+        """One branch of ``ticket`` failed in ``stage``: dead-letter it.
+
+        With ``ends=False`` the branch goes on to an ``always`` stage, which ends it later.
+        """
         self.dead.write(key=ticket.key, stage=stage, error=error, attempts=attempts)
         ticket.failed = True
         ticket.stage = stage
         ticket.error = f"{type(error).__name__}: {error}"
         ticket.attempts = max(ticket.attempts, attempts)
-        ticket.pending -= 1
-        if ticket.pending == 0:
-            self._close(ticket)
+        if ends:
+            ticket.pending -= 1
+            if ticket.pending == 0:
+                self._close(ticket)
 
     def _close(self, ticket: _Ticket) -> None:
         self._open.discard(ticket)
@@ -568,7 +591,7 @@ class Runner:
         if ticket.failed:
             self.failed += 1
             state = "failed"
-        elif ticket.ok:
+        elif ticket.ok and not ticket.skip:
             self.ok += 1
             state = "done"
         else:
@@ -644,8 +667,11 @@ class Runner:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self.dead.close()
-            await _shutdown_executor(self.executor)
+            # A fresh default first: whatever happens next, asyncio.run never joins our threads.
             loop.set_default_executor(concurrent.futures.ThreadPoolExecutor())
+            self.abandoned_threads = await _shutdown_executor(
+                self.executor, max(self.pipeline.grace_period, 1.0)
+            )
         report = self._report(started_at, error)
         if self.ledger is not None:
             await self.ledger.flush()
@@ -697,13 +723,13 @@ class Runner:
             else:
                 kind = stage_kind(fn)
                 if spec.options:
-                    import functools
-
                     fn = functools.partial(fn, **spec.options)
             outq = self.queues[i + 1] if i + 1 < len(self.queues) else None
             run = _StageRun(self, spec, fn, kind, limiter, self.queues[i], outq)
             pause_box.append(run)
             self.stages.append(run)
+        for i, run in enumerate(self.stages):
+            run.always_target = next((s for s in self.stages[i + 1 :] if s.spec.always), None)
 
     def _context(
         self,
@@ -878,7 +904,7 @@ class Runner:
             return
         self._stop_signal = signum
         log.warning(
-            "received %s: no more items will be read; %d in flight get %.0fs to finish",
+            "received %s: no more items will be read; %d in flight get %gs to finish",
             signal.Signals(signum).name,
             len(self._open),
             self.pipeline.grace_period,
@@ -938,6 +964,7 @@ class Runner:
             started_at=started_at,
             already_done=self.already_done,
             not_retried=self.not_retried,
+            abandoned_threads=self.abandoned_threads,
         )
 
 
@@ -972,16 +999,43 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _shutdown_executor(executor: concurrent.futures.ThreadPoolExecutor) -> None:
-    """Join every worker thread without blocking the loop (as asyncio.run does for its own)."""
+async def _shutdown_executor(executor: concurrent.futures.ThreadPoolExecutor, wait_s: float) -> int:
+    """Join every worker thread without blocking the loop, waiting at most ``wait_s`` seconds.
+
+    A thread cannot be cancelled: one stuck in a call that never returns is left behind rather
+    than hanging the run. Returns how many were left (the CLI then exits without joining them).
+    """
     done = asyncio.get_running_loop().create_future()
 
     def join() -> None:
         try:
-            executor.shutdown(wait=True)
+            executor.shutdown(wait=True, cancel_futures=True)
         finally:
-            with contextlib.suppress(RuntimeError):  # the loop may be closing
-                done.get_loop().call_soon_threadsafe(done.set_result, None)
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                done.get_loop().call_soon_threadsafe(_set_result, done)
 
-    threading.Thread(target=join, name="pipeline-executor-shutdown").start()
-    await asyncio.shield(done)
+    threading.Thread(target=join, name="pipeline-executor-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), wait_s)
+    except TimeoutError:
+        alive = [t for t in executor._threads if t.is_alive()]  # no public view of the threads
+        log.error(
+            "%d worker threads are still inside stage calls %.0fs after the run ended; they are "
+            "abandoned (a thread cannot be cancelled): %s",
+            len(alive),
+            wait_s,
+            ", ".join(t.name for t in alive),
+        )
+        return len(alive)
+    return 0
+
+
+def _release_from_thread(loop: asyncio.AbstractEventLoop, limiter: CapacityLimiter, _: object) -> None:
+    """Give back the slot of an abandoned thread call, from that thread, when it returns."""
+    with contextlib.suppress(RuntimeError):  # the run, and its loop, may be over by then
+        loop.call_soon_threadsafe(limiter.release)
+
+
+def _set_result(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

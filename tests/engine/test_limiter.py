@@ -88,7 +88,8 @@ async def test_waiter_cancelled_after_grant_passes_slot_on() -> None:
     first.cancel()
     await settle()
     assert first.cancelled()
-    assert second.done() and second.exception() is None
+    assert second.done()
+    assert second.exception() is None
     assert limiter.borrowed == 1
     assert limiter.statistics().waiting == 0
     limiter.release()
