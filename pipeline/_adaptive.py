@@ -81,7 +81,10 @@ class GradientController:
     * ``gradient`` = ``clamp(tolerance * baseline / short, 0.5, 1)``;
     * the target is ``limit * gradient``, plus ``sqrt(limit)`` of headroom when latency is
       within tolerance and the stage uses what it has; the limit moves ``smoothing`` of the
-      way there. Until the first sign of congestion it doubles instead (slow start).
+      way there (all the way down when latency is over twice the baseline). Until the first
+      sign of congestion it doubles instead (slow start);
+    * when nothing comes back for 4x the baseline, the time since the last completion is a
+      lower bound of the latency now, and the limit is cut by that gradient without waiting.
 
     Loss (``Overloaded``, ``RetryAfter``, timeouts) cuts the limit to ``limit * backoff`` at
     once, to ``0.95 x successes/s x median latency`` (Little's law: the concurrency the
@@ -103,7 +106,7 @@ class GradientController:
         initial: int,
         *,
         clock: Clock = time.monotonic,
-        interval: float = 0.1,
+        interval: float = 0.05,
         tolerance: float = 1.25,
         smoothing: float = 0.5,
         backoff: float = 0.75,
@@ -143,6 +146,8 @@ class GradientController:
         self._history: deque[tuple[float, float]] = deque()  # (time, short) for the baseline
         self._last_probe: float | None = None
         self._last_update: float | None = None
+        self._last_seen = clock()
+        self._stall_cut = False
         self._probing: float | None = None  # the limit to go back to after a probe
         self.baseline: float | None = None
         self.short: float | None = None
@@ -156,6 +161,8 @@ class GradientController:
         """Account one attempt (see :class:`Controller`)."""
         self._in_flight_sum += in_flight
         self._in_flight_n += 1
+        self._last_seen = self._clock()
+        self._stall_cut = False
         if error is None:
             self._good.append(latency)
         elif is_loss(error) and self._clock() - latency >= self._last_cut:
@@ -170,6 +177,18 @@ class GradientController:
         if self._losses:
             return self._on_loss(now, elapsed)
         if len(self._good) < self.min_samples:
+            stalled = now - self._last_seen
+            if (
+                self.baseline is not None
+                and in_flight
+                and not self._stall_cut
+                and stalled > max(4 * self.baseline, self.interval)
+            ):
+                # Nothing came back for 4x the no-load latency: the calls in flight take at
+                # least that long. Act on that bound now instead of waiting for them.
+                self._stall_cut = True  # once, until something comes back
+                self._slow_start = False
+                self._limit = max(self.min, self._limit * max(0.5, self.tolerance * self.baseline / stalled))
             return self._rounded()  # keep accumulating until the interval says something
         short = statistics.median(self._good)
         mean_in_flight = self._in_flight_sum / max(1, self._in_flight_n)
@@ -209,7 +228,10 @@ class GradientController:
         target = self._limit * gradient
         if not congested:
             target += math.sqrt(self._limit)
-        new = self._limit + self.smoothing * (target - self._limit)
+        # Smooth growth and mild cuts; a severe gradient (latency over twice the baseline)
+        # is acted on at once.
+        smoothing = 1.0 if short > 2 * self.baseline else self.smoothing
+        new = self._limit + smoothing * (target - self._limit)
         if new > self._limit and self._loss_level < math.inf:
             # Once the downstream has shed load, grow one slot per few intervals only; and
             # for loss_memory seconds not back up to the level that drew the loss.
@@ -287,7 +309,7 @@ class ThroughputController:
         clock: Clock = time.monotonic,
         interval: float = 0.2,
         min_completions: int = 8,
-        noise: float = 0.05,
+        noise: float = 0.08,
         hold: int = 6,
     ):
         if not 1 <= min_limit <= initial <= max_limit:

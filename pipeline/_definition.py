@@ -241,6 +241,17 @@ def validate_options(
     return out
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # cannot tell: let the call decide
+    return any(
+        p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params
+    )
+
+
 @dataclass(frozen=True)
 class Source:
     """Where items come from.
@@ -266,15 +277,12 @@ class Source:
         object.__setattr__(
             self, "options", validate_options(self.fn, self.options, skip_first=is_factory(self.fn))
         )
-        if self.watermark is not None:
-            try:
-                validate_options(self.fn, {"since": None}, skip_first=is_factory(self.fn))
-            except ConfigError:
-                raise ConfigError(
-                    f"source.watermark is set, but {_describe(self.fn)} takes no 'since' option; "
-                    "use a source that reads incrementally, or remove watermark",
-                    location="watermark",
-                ) from None
+        if self.watermark is not None and not _accepts(self.fn, "since"):
+            raise ConfigError(
+                f"source.watermark is set, but {_describe(self.fn)} takes no 'since' option; "
+                "use a source that reads incrementally, or remove watermark",
+                location="watermark",
+            )
 
 
 @dataclass(frozen=True)

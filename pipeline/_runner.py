@@ -23,6 +23,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import os
 import random
 import signal
 import threading
@@ -32,10 +33,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._contract import Context, DatabaseHandle, Kind, SharedResources, is_factory, stage_kind
-from ._definition import Pipeline, Stage, _describe, parse_rate
+from ._definition import Pipeline, Stage, _describe, parse_rate, workload
 from ._exceptions import (
     ConfigError,
     PipelineError,
+    ResourceError,
     RetryAfter,
     Skip,
     SourceError,
@@ -675,7 +677,7 @@ class Runner:
         report = self._report(started_at, error)
         if self.ledger is not None:
             await self.ledger.flush()
-            self.ledger.finish_run(report.status, None if self._watermark is None else str(self._watermark))
+            self.ledger.finish_run(report.status, self._new_watermark(report))
             self.ledger.close()
         for path in (self.run_dir / "report.json" if self.run_dir else None, self.report_path):
             if path is not None:
@@ -696,7 +698,7 @@ class Runner:
                 log.info("incremental run: rows with %s > %s", spec.watermark, since)
         if is_factory(spec.fn):
             ctx = self._context("source", None, shared)
-            return await stack.enter_async_context(spec.fn(ctx, **options))
+            return await _open(stack, spec.fn(ctx, **options), "the source")
         return spec.fn(**options)
 
     async def _open_stages(self, stack: contextlib.AsyncExitStack, shared: SharedResources) -> None:
@@ -712,7 +714,7 @@ class Runner:
 
             if is_factory(fn):
                 ctx = self._context(spec.name, limiter, shared, pause, spec.max_concurrency)
-                fn = await stack.enter_async_context(spec.fn(ctx, **spec.options))
+                fn = await _open(stack, spec.fn(ctx, **spec.options), f"stage {spec.name!r}")
                 if not callable(fn):
                     raise ConfigError(
                         f"stage {spec.name!r}: factory {_describe(spec.fn)} yielded {fn!r}, "
@@ -830,6 +832,23 @@ class Runner:
         if duplicate:
             return f"duplicate key {key!r}: an item with this key is already in flight in this run"
         return None
+
+    def _new_watermark(self, report: RunReport) -> str | None:
+        """The watermark to remember: only after a run in which every item read ended well.
+
+        Advancing past a failed row would hide it from every later incremental run.
+        """
+        if self._watermark is None:
+            return None
+        if report.items.failed or report.items.unfinished:
+            log.warning(
+                "watermark not advanced: %d items failed and %d are unfinished; the next run reads "
+                "the same changes again (or replay them with `pipeline retry`)",
+                report.items.failed,
+                report.items.unfinished,
+            )
+            return None
+        return str(self._watermark)
 
     def _advance_watermark(self, value: Any) -> None:
         if value is None:
@@ -957,7 +976,7 @@ class Runner:
             wall_s=round(wall, 4),
             items=ItemCounts(self.read, self.ok, self.failed, self.skipped, unfinished),
             stages=stages,
-            bottleneck=_bottleneck(stages),
+            bottleneck=_bottleneck(stages, {s.name for s in self.stages if workload(s.spec.fn) == "cpu"}),
             unfinished_keys=sorted((t.key for t in self._open), key=repr),
             error=message,
             dead_letters=str(self.dead.path) if self.dead.count and self.dead.path else None,
@@ -977,19 +996,22 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
     return out
 
 
-def _bottleneck(stages: list[StageReport]) -> dict[str, Any] | None:
+def _bottleneck(stages: list[StageReport], cpu_bound: set[str]) -> dict[str, Any] | None:
     """The stage that limited the run: the busiest one, with blocked time as tie-breaker."""
     if not stages:
         return None
-    top = max(stages, key=lambda s: (s.busy_ratio, -s.blocked_s))
-    return {
-        "stage": top.name,
-        "reason": (
-            f"busiest stage: {top.busy_ratio:.0%} of its {top.concurrency} slots in use; "
-            f"raise its concurrency if its downstream can take more"
-        ),
-        "busy_ratio": top.busy_ratio,
-    }
+    index, top = max(enumerate(stages), key=lambda p: (p[1].busy_ratio, -p[1].blocked_s))
+    upstream_blocked = stages[index - 1].blocked_s if index > 0 else 0.0
+    why = f"{top.busy_ratio:.0%} of its {top.concurrency} slots busy over the run"
+    if upstream_blocked > 0:
+        why += f"; the stage before it waited {upstream_blocked:.1f}s on its full queue"
+    if top.busy_ratio < 0.5:
+        advice = "no stage was saturated: the source, or the number of items, set the pace"
+    elif top.name in cpu_bound and top.concurrency >= (os.cpu_count() or 1):
+        advice = "it is CPU-bound and already at the core count: more cores help, a higher cap does not"
+    else:
+        advice = "raise its concurrency if what it calls can take more"
+    return {"stage": top.name, "reason": f"{why}; {advice}", "busy_ratio": top.busy_ratio}
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -1028,6 +1050,16 @@ async def _shutdown_executor(executor: concurrent.futures.ThreadPoolExecutor, wa
         )
         return len(alive)
     return 0
+
+
+async def _open(stack: contextlib.AsyncExitStack, cm: Any, what: str) -> Any:
+    """Enter a factory's context manager; a failure to open fails the run with who and why."""
+    try:
+        return await stack.enter_async_context(cm)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise ResourceError(f"{what} could not open: {type(exc).__name__}: {exc}") from exc
 
 
 def _release_from_thread(loop: asyncio.AbstractEventLoop, limiter: CapacityLimiter, _: object) -> None:

@@ -20,6 +20,7 @@ from pipeline import (
     Database,
     DatabaseHandle,
     Pipeline,
+    ResourceError,
     Retry,
     RetryAfter,
     Skip,
@@ -412,15 +413,16 @@ async def test_factory_closed_when_run_fails() -> None:
 
 
 async def test_factory_raising_on_open_fails_the_run(tmp_path: Path) -> None:
-    """A bug raised by a stage factory while opening fails the run, nothing is processed, earlier
-    factories are closed."""
+    """A bug raised by a stage factory while opening fails the run as a ResourceError naming the
+    stage (the original chained), nothing is processed, earlier factories are closed."""
     ok_life, bad_life = Lifecycle(), Lifecycle(fail_open=True)
     p = Pipeline(
         memory_source(items(3)), [Stage(ok_life.factory(), name="a"), Stage(bad_life.factory(), name="b")],
         report_dir=None,
     )
-    with pytest.raises(RuntimeError, match="factory bug"):
+    with pytest.raises(ResourceError, match="stage 'b' could not open: RuntimeError: factory bug") as info:
         await p.run_async(report_path=tmp_path / "r.json", progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert ok_life.events == ["open a x", "close"]
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
 
