@@ -470,7 +470,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-p99", type=float, metavar="SECONDS", help="latency limit for the recommendation"
     )
     parser.add_argument("--write", action="store_true", help="write the recommendation into CONFIG")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG plot here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="write the PNG plot here (default: <report_dir>/tune-<stage>.png)",
+    )
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
@@ -498,9 +503,13 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     print_result(result)
-    if args.plot is not None:
-        write_plot([result], args.plot)
-        print(f"plot: {args.plot}", file=sys.stderr)
+    plot = args.plot
+    if plot is None and pipeline.report_dir is not None:
+        plot = pipeline.report_dir / f"tune-{result.stage}.png"
+    if plot is not None:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        write_plot([result], plot)
+        print(f"plot: {plot}", file=sys.stderr)
     if args.write:
         write_recommendation(args.config, {result.stage_index: result.recommended})
         print(f"wrote stages[{result.stage_index}].concurrency = {result.recommended} to {args.config}")
