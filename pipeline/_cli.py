@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: ``run``, ``validate``, ``deadletters``, ``retry``.
+"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``.
 
 Exit codes: 0 ok (failures within ``max_failures``), 1 over the threshold or the run failed,
 2 usage or config error, 130 / 143 interrupted by SIGINT / SIGTERM.
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate = sub.add_parser("validate", help="check the config and exit; nothing runs")
     validate.add_argument("config", type=Path, help="the pipeline's config.toml")
+    from ._tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(
+        sub.add_parser("tune", help="measure each cap on a sample and recommend one (--write to save it)")
+    )
     dead = sub.add_parser("deadletters", help="list a run's failures, grouped by stage and reason")
     dead.add_argument("config", type=Path, help="the pipeline's config.toml")
     dead.add_argument("--run-id", metavar="ID", help="the run (default: the latest with failures)")
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "tune":
+        from ._tune import main as tune
+
+        return tune(args)
     from ._exceptions import ConfigError, PipelineError
 
     try:

@@ -136,7 +136,11 @@ class _StageRun:
         if spec.rate is not None:
             from aiolimiter import AsyncLimiter
 
-            self._rate = AsyncLimiter(*parse_rate(spec.rate))
+            count, period = parse_rate(spec.rate)
+            # aiolimiter's bucket holds a whole period: "300/s" would let 300 go at once. Keep
+            # the rate but cap the burst at 0.1 s worth of attempts (at least one).
+            burst = max(1.0, count * min(period, 0.1) / period)
+            self._rate = AsyncLimiter(burst, burst * period / count)
         # Set for adaptive stages: called after every attempt with (seconds, error, in_flight).
         self.observe: Callable[[float, BaseException | None, int], None] | None = None
         self.limit_trace: list[tuple[float, int]] = []

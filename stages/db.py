@@ -54,6 +54,7 @@ from pipeline import (
     DatabaseHandle,
     Item,
     Overloaded,
+    ResourceError,
     Skip,
     TransientError,
     factory,
@@ -112,11 +113,13 @@ _DEFAULT_BUSY_TIMEOUT = 5.0
 _DEFAULT_POOL_RECYCLE = 3600.0
 
 
-class DatabaseError(Exception):
+class DatabaseError(ResourceError):
     """A database operation failed in a way a retry will not fix.
 
     The message names the database, its redacted DSN, what was being done and the fix; the
-    driver's exception is chained as ``__cause__``.
+    driver's exception is chained as ``__cause__``. A :class:`~pipeline.ResourceError`, so a
+    database refused when the run opens it (a wrong password, an unknown database) fails the run
+    with this message, not as an unexpected error with a traceback.
 
     Attributes:
         database: The ``[databases.<name>]`` name.
@@ -303,14 +306,25 @@ def _translate_sql(sql: str, dialect: Dialect) -> tuple[str, int]:
     return "".join(out), count
 
 
-def _keyset_queries(dialect: Dialect, query: str, key_column: str) -> tuple[str, str]:
-    """Return the first-chunk and next-chunk statements (``?`` placeholders) for ``query``."""
+def _keyset_queries(
+    dialect: Dialect, query: str, key_column: str, watermark_column: str | None = None
+) -> tuple[str, str]:
+    """Return the first-chunk and next-chunk statements (``?`` placeholders) for ``query``.
+
+    Without ``watermark_column`` their parameters are ``(limit)`` and ``(last key, limit)``; with
+    it, ``(since, limit)`` and ``(since, last key, limit)``.
+    """
     body = query.strip().rstrip(";").rstrip()
     key = f"q.{_quote(dialect, key_column)}"
     # The newlines keep a trailing `-- comment` in the user's query from eating the wrapper.
     inner = f"SELECT * FROM (\n{body}\n) AS q"
-    first = f"{inner} ORDER BY {key} LIMIT ?"
-    following = f"{inner} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+    if watermark_column is None:
+        first = f"{inner} ORDER BY {key} LIMIT ?"
+        following = f"{inner} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+    else:
+        changed = f"q.{_quote(dialect, watermark_column)} > ?"
+        first = f"{inner} WHERE {changed} ORDER BY {key} LIMIT ?"
+        following = f"{inner} WHERE {changed} AND {key} > ? ORDER BY {key} LIMIT ?"
     return first, following
 
 
@@ -642,6 +656,17 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
+def _check_reconnect(attempts: int, backoff: float) -> None:
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ConfigError(f"reconnect_attempts must be an integer >= 1, got {attempts!r}")
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
+        raise ConfigError(f"reconnect_backoff must be a number of seconds >= 0, got {backoff!r}")
+
+
+_RECONNECT_MAX_WAIT = 10.0
+"""The longest single wait between two attempts at a chunk."""
+
+
 @factory
 @contextlib.asynccontextmanager
 async def read_rows(
@@ -651,6 +676,10 @@ async def read_rows(
     query: str,
     key_column: str = "id",
     chunk_size: int = 1000,
+    since: Any = None,
+    watermark_column: str | None = None,
+    reconnect_attempts: int = 10,
+    reconnect_backoff: float = 0.25,
 ) -> AsyncIterator[AsyncIterator[Item]]:
     """Source: stream the rows of ``query`` as dicts, ``chunk_size`` rows per round trip.
 
@@ -660,26 +689,85 @@ async def read_rows(
     one chunk is fetched. The key must be unique and not NULL in the query's result, and
     indexed in the table if the table is large.
 
+    Incremental runs: with ``[source] watermark = "updated_at"`` the engine passes ``since``, the
+    largest ``updated_at`` of the last successful run, and only rows with
+    ``q.<watermark_column> > since`` are read (a bound parameter, never SQL text). Set
+    ``watermark_column`` to the same column as ``[source] watermark``: the engine names the item
+    field it tracks, this stage the column it filters on. ``since`` arrives as the text the
+    ledger kept (``str()`` of the value); both databases compare it with a date, time or number
+    column as that type.
+
+    A database that restarts or fails over mid-run: a chunk whose fetch fails with a
+    :class:`~pipeline.TransientError` (lost or refused connection, server shutting down) is
+    fetched again, after ``reconnect_backoff`` seconds, then twice that, and so on (each wait at
+    most 10 s), up to ``reconnect_attempts`` attempts in all; with the defaults the source waits
+    about 45 s plus connection time before it gives up and the run fails. Each retry asks again for
+    the rows after the last key already yielded, so no row is skipped or read twice. The pool
+    drops the connection of a failed statement and opens a new one on the next use.
+
     Args:
         ctx: The engine's context.
         database: The ``[databases.<name>]`` to read from.
         query: A ``SELECT`` without placeholders; its rows become the items.
         key_column: A unique column of the result, in whose order rows come.
         chunk_size: Rows per round trip.
+        since: Passed by the engine for incremental runs (see above); ``None`` reads every row.
+        watermark_column: The column ``since`` is compared with; required when ``since`` is given.
+        reconnect_attempts: Attempts at each chunk before a transient database error fails the run.
+        reconnect_backoff: Seconds before the second attempt; it doubles on each further one.
 
     Raises:
-        ConfigError: ``key_column`` is not a plain identifier, ``chunk_size`` < 1, or the query
-            has ``?`` placeholders.
+        ConfigError: ``key_column`` or ``watermark_column`` is not a plain identifier,
+            ``chunk_size`` < 1, the reconnect options are out of range, the query has ``?``
+            placeholders, or ``since`` is given without ``watermark_column``.
     """
     _check_identifier(key_column, "key_column")
     _check_chunk_size(chunk_size)
+    _check_reconnect(reconnect_attempts, reconnect_backoff)
+    if watermark_column is not None:
+        _check_identifier(watermark_column, "watermark_column")
+    elif since is not None:
+        raise ConfigError(
+            f"read_rows got since={since!r} (the engine passes it when [source] watermark is set) but no "
+            "watermark_column to compare it with; set watermark_column to the same column as watermark"
+        )
     db = await shared_database(ctx, database)
     if _translate_sql(query, db.dialect)[1]:
         raise ConfigError(f"the read_rows query takes no ? placeholders, got {query!r}; inline the values")
-    first_sql, next_sql = _keyset_queries(db.dialect, query, key_column)
+    # A first night (no since yet) reads everything, even with watermark_column set.
+    column = watermark_column if since is not None else None
+    first_sql, next_sql = _keyset_queries(db.dialect, query, key_column, column)
+    prefix: tuple[Any, ...] = () if column is None else (since,)
+
+    async def fetch(sql: str, params: tuple[Any, ...], action: str) -> list[Item]:
+        import tenacity  # deferred: only a source that is used pays for the import
+
+        def note(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            wait = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning(
+                "read_rows will retry %s in %.2fs (attempt %d of %d failed): %s",
+                action,
+                wait,
+                state.attempt_number,
+                reconnect_attempts,
+                error,
+            )
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(reconnect_attempts),
+            wait=tenacity.wait_exponential(multiplier=reconnect_backoff, max=_RECONNECT_MAX_WAIT),
+            retry=tenacity.retry_if_exception_type(TransientError),
+            before_sleep=note,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await db.fetch_all(sql, params, action=action)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     async def rows() -> AsyncGenerator[Item, None]:
-        chunk = await db.fetch_all(first_sql, (chunk_size,), action="reading the first chunk of rows")
+        chunk = await fetch(first_sql, (*prefix, chunk_size), "reading the first chunk of rows")
         while True:
             for row in chunk:
                 yield row
@@ -695,9 +783,19 @@ async def read_rows(
                     dsn=db.dsn,
                     action="reading rows",
                 ) from None
+            if last is None:
+                # `key > NULL` matches nothing: going on would end the stream early, silently.
+                raise DatabaseError(
+                    f"the read_rows query on database {db.name!r} returned a NULL {key_column!r}, so "
+                    "the rows after it cannot be paged; filter out NULL keys in the query "
+                    f"(WHERE {key_column} IS NOT NULL) or choose a key column without NULLs",
+                    database=db.name,
+                    dsn=db.dsn,
+                    action="reading rows",
+                )
             chunk = []  # let the previous chunk go before the next one arrives
-            chunk = await db.fetch_all(
-                next_sql, (last, chunk_size), action=f"reading rows after {key_column}={last!r}"
+            chunk = await fetch(
+                next_sql, (*prefix, last, chunk_size), f"reading rows after {key_column}={last!r}"
             )
 
     stream = rows()
@@ -813,6 +911,25 @@ def _upsert_sql(dialect: Dialect, table: str) -> str:
     return f'INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT("key") DO UPDATE SET {assignments}'
 
 
+_ERROR_LIMIT = 2000
+"""Characters of an upstream error kept in the ``error`` column (a traceback-sized message is cut)."""
+
+# ``scheme://user:password@host``: the password goes, the user stays. The stages already keep
+# passwords out of their messages; this is a second line for a custom stage that does not.
+_USERINFO_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^\s/?#]*@")
+
+
+def _error_text(item: Item) -> str | None:
+    """The ``error`` column for an item diverted to the stage: ``"<stage>: <Type>: <message>"``."""
+    error = item.get("error")
+    if error is None:
+        return None
+    stage = item.get("failed_stage")
+    text = f"{stage}: {error}" if stage else str(error)
+    text = _USERINFO_PASSWORD.sub(r"\1***@", text)
+    return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 3] + "..."
+
+
 @factory
 @contextlib.asynccontextmanager
 async def write_results(
@@ -825,10 +942,23 @@ async def write_results(
 ) -> AsyncIterator[Callable[[Item], Coroutine[Any, Any, Item]]]:
     """Stage: upsert one row per item into ``table`` and pass the item on.
 
-    The row is ``key`` (``str(item[key_field])``, the primary key), ``status`` (``"ok"``),
-    ``outputs`` (JSON of ``item["outputs"]``, ``[]`` when absent), ``width``, ``height``,
-    ``bytes``, ``sha256`` (from the item, NULL when absent), ``error`` (NULL), ``run_id`` and
-    ``updated_at`` (UTC). Writing the same key again replaces the row.
+    The row is ``key`` (``str(item[key_field])``, the primary key), ``status``, ``outputs``
+    (JSON of ``item["outputs"]``), ``width``, ``height``, ``bytes``, ``sha256`` (from the item,
+    NULL when absent), ``error``, ``run_id`` and ``updated_at`` (UTC).
+
+    Run it as an ``always`` stage (``Stage(always=True)``, TOML ``always = true``) and it also
+    records the items that failed or were skipped upstream: the engine hands those over with
+    ``failed_stage`` set, and their row gets ``status`` ``"failed"`` or ``"skipped"``,
+    ``error`` ``"<stage>: <ExceptionType>: <message>"`` (the skip's reason for a skip, NULL when
+    it gave none), and ``outputs`` NULL unless the item carries some. An item that came through
+    every stage gets ``status`` ``"ok"``, ``outputs`` ``[]`` when absent, and ``error`` NULL; a
+    ``status`` or ``error`` field of its own (a catalog column of that name) is not taken for
+    the engine's.
+
+    The row is tonight's outcome: writing the same key again replaces the whole row, so an item
+    that failed tonight after an ok night reads ``failed`` with the reason and ``outputs`` NULL,
+    even though last night's files are still on disk (nothing here deletes them). Query the
+    row, not the directory, to know what is current.
 
     Args:
         ctx: The engine's context.
@@ -859,15 +989,22 @@ async def write_results(
         now = datetime.now(UTC)
         # MySQL DATETIME has no zone: store naive UTC. SQLite gets ISO 8601 text.
         updated_at: Any = now.replace(tzinfo=None) if db.dialect == "mysql" else now.isoformat()
+        if "failed_stage" in item:  # diverted by the engine: failed or skipped upstream
+            status = str(item.get("status") or "failed")
+            outputs = item.get("outputs")
+            outputs_json = None if outputs is None else json.dumps(outputs)
+            error = _error_text(item)
+        else:
+            status, outputs_json, error = "ok", json.dumps(item.get("outputs", [])), None
         row = (
             str(key),
-            "ok",
-            json.dumps(item.get("outputs", [])),
+            status,
+            outputs_json,
             item.get("width"),
             item.get("height"),
             item.get("bytes"),
             item.get("sha256"),
-            None,
+            error,
             run_id,
             updated_at,
         )

@@ -4,7 +4,14 @@ Atomic: each file is written to a temporary file in its final directory, optiona
 then renamed over the final name with :func:`os.replace`, so a reader (or a crash) sees either
 the old file or the new one, never half of one. Temporary files are named
 ``.<final name>.tmp-<32 hex digits>``; :func:`clean_stale_temp_files` removes those a killed run
-left behind.
+left behind, and the :func:`write` stage calls it when a run opens the stage.
+
+Stale, and not merely in progress: each open :func:`write` stage holds a shared ``flock`` on its
+root directory for the whole run. When a run opens the stage and can take that lock exclusively,
+no other writer (in any process) is using the tree, so every temporary file in it is a crash's
+leftover and goes. When it cannot, another run is writing there, and only temporary files older
+than ``stale_after`` (an hour by default) go: an :func:`atomic_write` lives for one write, a few
+milliseconds, or seconds on a slow network disk, so an hour-old temporary file is nobody's.
 
 Safe: the directory of an item comes from its key through :func:`safe_key`, which never lets data
 choose a path outside the output tree (no ``..``, no absolute paths, no separators, no NUL, no
@@ -18,16 +25,28 @@ the root, with ``/`` separators) and with ``outputs``, the list of those paths.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
+import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
+
+import pydantic
+
+from pipeline import Context, ResourceError, factory
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, the age rule alone applies
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "EXTENSIONS",
@@ -36,12 +55,18 @@ __all__ = [
     "clean_stale_temp_files",
     "safe_key",
     "write",
+    "write_item",
 ]
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png", "GIF": "gif", "AVIF": "avif"}
 """File extension by Pillow format name."""
 
 Layout = Literal["nested", "sharded"]
+
+STALE_AFTER = 3600.0
+"""Default age in seconds past which a temporary file counts as stale while another run writes."""
 
 _TEMP_MARK = ".tmp-"
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
@@ -180,7 +205,93 @@ def clean_stale_temp_files(root: str | os.PathLike[str], *, older_than: float = 
     return removed
 
 
-def write(
+def _lock_and_clean(root: Path, stale_after: float) -> tuple[int | None, list[Path], bool]:
+    """Create ``root``, take a shared lock on it, and remove the stale temporary files under it.
+
+    Returns the locked directory's descriptor (``None`` where locks are unavailable), the
+    removed paths, and whether this was the only writer (so every temporary file was stale).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None, clean_stale_temp_files(root, older_than=stale_after), False
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        alone = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            alone = False  # another run holds its shared lock: it is writing here now
+        except OSError:
+            # A file system without flock (some network mounts): fall back on age alone.
+            os.close(fd)
+            return None, clean_stale_temp_files(root, older_than=stale_after), False
+        removed = clean_stale_temp_files(root, older_than=0.0 if alone else stale_after)
+        # From exclusive to shared: later runs see a writer. (The conversion is not atomic, but
+        # no temporary file of ours exists yet for a run slipping in between to remove.)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, removed, alone
+
+
+@factory
+@contextlib.asynccontextmanager
+async def write(
+    ctx: Context,
+    *,
+    root: str,
+    fsync: bool = False,
+    key_field: str = "id",
+    layout: Layout = "nested",
+    stale_after: Annotated[float, pydantic.Field(ge=0)] = STALE_AFTER,
+) -> AsyncIterator[Callable[[dict[str, Any]], dict[str, Any]]]:
+    """Stage: write every thumbnail of an item under ``root``, atomically (see :func:`write_item`).
+
+    When the run opens the stage, the root is created if missing and the temporary files that
+    killed runs left in it are removed (see the module docstring for why that is safe while
+    another run writes into the same tree); the count is logged. The stage holds a shared lock
+    on the root until the run ends.
+
+    Args:
+        ctx: The engine's context.
+        root: The output root directory; created if missing.
+        fsync: Make each file durable before moving on (see :func:`atomic_write`).
+        key_field: The field holding the item's key.
+        layout: ``"nested"`` or ``"sharded"``.
+        stale_after: While another run writes into ``root``, only temporary files older than
+            this many seconds are removed at start.
+
+    Raises:
+        ResourceError: The root cannot be created or opened (a file in the way, no permission).
+        ValueError: ``layout`` or ``stale_after`` is invalid.
+    """
+    if layout not in ("nested", "sharded"):
+        raise ValueError(f"layout must be 'nested' or 'sharded', got {layout!r}")
+    if isinstance(stale_after, bool) or not isinstance(stale_after, int | float) or stale_after < 0:
+        raise ValueError(f"stale_after must be a number of seconds >= 0, got {stale_after!r}")
+    root_path = Path(root)
+    try:
+        fd, removed, alone = await asyncio.to_thread(_lock_and_clean, root_path, float(stale_after))
+    except OSError as exc:
+        error = _write_error(exc, root_path, "prepare the output root")
+        raise ResourceError(f"stage {ctx.stage!r}: {error}") from exc
+    log.info(
+        "stage %r: removed %d stale temporary file%s under %s%s",
+        ctx.stage,
+        len(removed),
+        "" if len(removed) == 1 else "s",
+        root_path,
+        "" if alone else f" (another run is writing there: only those older than {stale_after:g}s)",
+    )
+    try:
+        yield functools.partial(write_item, root=root, fsync=fsync, key_field=key_field, layout=layout)
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def write_item(
     item: dict[str, Any],
     *,
     root: str,
@@ -189,6 +300,8 @@ def write(
     layout: Layout = "nested",
 ) -> dict[str, Any]:
     """Write every thumbnail of the item to ``<root>/<key dir>/<name>.<ext>``, atomically.
+
+    The per-item step of the :func:`write` stage, callable on its own outside a run.
 
     ``<key dir>`` is :func:`safe_key` of the item's key (``layout="nested"``), or that under a
     two-hex-digit shard directory (``layout="sharded"``, for trees of very many items).

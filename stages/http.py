@@ -6,7 +6,8 @@ Errors are sorted at one boundary (:func:`_translate` and the status checks in `
   :class:`~pipeline.TransientError` (chained), which the engine retries;
 * 429 or 503 with a usable ``Retry-After`` raise :class:`~pipeline.RetryAfter`, which pauses
   the whole stage before the retry;
-* everything else (a bad or refused URL, another 4xx, a body over ``max_bytes``, too many
+* everything else (a bad URL, one refused by ``allowed_hosts``, ``denied_hosts`` or
+  ``deny_private``, another 4xx, a body over ``max_bytes``, too many
   redirects, a TLS failure) raises :class:`DownloadError`, which fails the item for good.
 
 URLs in messages never carry userinfo (``user:password@``).
@@ -18,7 +19,9 @@ import contextlib
 import email.utils
 import hashlib
 import http
+import ipaddress
 import math
+import socket
 import threading
 import time
 import urllib.parse
@@ -99,16 +102,65 @@ def _status_text(response: requests.Response) -> str:
     return f"{response.status_code} {phrase}".rstrip()
 
 
-class _HostCheck:
-    """The scheme and host rules, applied to the first URL and to every redirect target."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-    def __init__(self, allowed_hosts: list[str] | None) -> None:
+# Shared address space (RFC 6598): carrier-grade NAT, and inside some clouds (Alibaba's metadata
+# service is 100.100.100.200). ipaddress counts it neither private nor global.
+_SHARED_SPACE = ipaddress.ip_network("100.64.0.0/10")
+
+
+def _private_reason(address: IPAddress) -> str | None:
+    """What kind of non-public address ``address`` is ("a loopback address"), or ``None`` if public."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        if address == ipaddress.IPv4Address("169.254.169.254"):
+            return "a link-local address (the cloud metadata service)"
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_private or address in _SHARED_SPACE:
+        return "a private address"
+    if address.is_reserved:
+        return "a reserved address"
+    return None
+
+
+def _host_patterns(hosts: list[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Exact names, and the ``.suffix`` of each ``"*.suffix"`` pattern."""
+    cleaned = [h.strip().lower().rstrip(".") for h in hosts]
+    return (
+        frozenset(h for h in cleaned if not h.startswith("*.")),
+        tuple(h[1:] for h in cleaned if h.startswith("*.")),
+    )
+
+
+class _HostCheck:
+    """The scheme and host rules, applied to the first URL and to every redirect target.
+
+    With ``deny_private`` a host name is resolved here, and the connection resolves it again:
+    a DNS server that answers differently the second time (DNS rebinding) is not caught. Keep
+    an egress firewall for that; this check stops the honest mistakes and the plain attacks.
+    """
+
+    def __init__(
+        self,
+        allowed_hosts: list[str] | None,
+        denied_hosts: list[str] | None = None,
+        deny_private: bool = False,
+        resolve: Callable[[str], list[str]] | None = None,
+    ) -> None:
         self._exact: frozenset[str] | None = None
         self._suffixes: tuple[str, ...] = ()
         if allowed_hosts is not None:
-            hosts = [h.strip().lower().rstrip(".") for h in allowed_hosts]
-            self._exact = frozenset(h for h in hosts if not h.startswith("*."))
-            self._suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+            self._exact, self._suffixes = _host_patterns(allowed_hosts)
+        self._denied_exact, self._denied_suffixes = _host_patterns(denied_hosts or [])
+        self._deny_private = deny_private
+        self._resolve = resolve or _resolve
 
     def __call__(self, url: str, *, what: str) -> None:
         try:
@@ -127,12 +179,53 @@ class _HostCheck:
             )
         if not host:
             raise DownloadError(f"{what} {_redact(url)!r} has no host; fix the URL", url=_redact(url))
+        if host in self._denied_exact or (self._denied_suffixes and host.endswith(self._denied_suffixes)):
+            raise DownloadError(
+                f"{what} {_redact(url)!r} is on host {host!r}, which is in denied_hosts; "
+                "remove the URL from the catalog, or the host from the stage's denied_hosts",
+                url=_redact(url),
+            )
         if self._exact is not None and host not in self._exact and not host.endswith(self._suffixes):
             raise DownloadError(
                 f"{what} {_redact(url)!r} is on host {host!r}, which is not in allowed_hosts; "
                 "add it to the stage's allowed_hosts or fix the URL",
                 url=_redact(url),
             )
+        if self._deny_private:
+            self._check_addresses(url, host, what)
+
+    def _check_addresses(self, url: str, host: str, what: str) -> None:
+        shown = _redact(url)
+        try:
+            addresses = [ipaddress.ip_address(host)]
+            literal = True
+        except ValueError:
+            try:
+                resolved = self._resolve(host)
+            except OSError as exc:
+                # requests would fail to connect the same way; a DNS outage passes, so retry.
+                raise TransientError(
+                    f"{what} {shown!r}: host {host!r} could not be resolved ({exc}), so deny_private "
+                    "cannot check its addresses"
+                ) from exc
+            addresses = [ipaddress.ip_address(a.partition("%")[0]) for a in resolved]
+            literal = False
+        for address in addresses:
+            reason = _private_reason(address)
+            if reason is not None:
+                target = f"host {host!r} is" if literal else f"host {host!r} resolves to {str(address)!r},"
+                raise DownloadError(
+                    f"{what} {shown!r} is refused: {target} {reason}, and deny_private is set; "
+                    "remove the URL from the catalog, or set deny_private = false if the stage must "
+                    "reach internal hosts",
+                    url=shown,
+                )
+
+
+def _resolve(host: str) -> list[str]:
+    """Every address ``host`` resolves to, as requests would connect to it."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
 
 
 class _GuardedSession(requests.Session):
@@ -149,7 +242,7 @@ class _GuardedSession(requests.Session):
                 self._check(
                     urllib.parse.urljoin(resp.url, target), what=f"redirect from {_redact(resp.url)!r} to"
                 )
-            except DownloadError:
+            except Exception:
                 resp.close()
                 raise
         return target
@@ -196,6 +289,8 @@ def _check_options(
     read_timeout: float,
     max_bytes: int,
     allowed_hosts: list[str] | None,
+    denied_hosts: list[str] | None,
+    deny_private: bool,
     max_redirects: int,
     max_retry_after: float,
 ) -> None:
@@ -216,9 +311,16 @@ def _check_options(
                 "download: allowed_hosts is an empty list, which refuses every URL; "
                 "list the hosts to allow, or remove the option to allow any host"
             )
-        bad = [h for h in allowed_hosts if not isinstance(h, str) or not h.strip()]
+    for option, hosts in (("allowed_hosts", allowed_hosts), ("denied_hosts", denied_hosts)):
+        if hosts is None:
+            continue
+        if not isinstance(hosts, list):
+            raise ConfigError(f"download: {option} must be a list of host names, got {hosts!r}")
+        bad = [h for h in hosts if not isinstance(h, str) or not h.strip()]
         if bad:
-            raise ConfigError(f"download: allowed_hosts must hold host names, got {bad[0]!r}")
+            raise ConfigError(f"download: {option} must hold host names, got {bad[0]!r}")
+    if not isinstance(deny_private, bool):
+        raise ConfigError(f"download: deny_private must be true or false, got {deny_private!r}")
 
 
 def _drain(response: requests.Response) -> None:
@@ -264,6 +366,8 @@ async def download(
     read_timeout: float = 30.0,
     max_bytes: int = 50_000_000,
     allowed_hosts: list[str] | None = None,
+    denied_hosts: list[str] | None = None,
+    deny_private: bool = False,
     max_redirects: int = 5,
     max_retry_after: float = 300.0,
     headers: dict[str, str] | None = None,
@@ -291,6 +395,14 @@ async def download(
         max_bytes: Largest body accepted; a larger one fails the item for good.
         allowed_hosts: If given, only these hosts (and the targets of their redirects) are
             fetched; ``"*.example.com"`` allows any subdomain of ``example.com``.
+        denied_hosts: These hosts are never fetched, nor redirected to; same forms as
+            ``allowed_hosts`` (``"*.example.com"`` is the subdomains, not ``example.com``
+            itself). Checked before ``allowed_hosts``.
+        deny_private: Refuse loopback, private (10/8, 172.16/12, 192.168/16, 100.64/10,
+            fc00::/7), link-local (169.254/16 with the cloud metadata address, fe80::/10),
+            unspecified, multicast and reserved addresses: an IP written in the URL, or any
+            one address its host name resolves to. Set it when the URLs come from users. A
+            name that does not resolve is a transient failure.
         max_redirects: Redirects followed before the item fails.
         max_retry_after: The longest ``Retry-After`` honoured, in seconds; longer asks are cut
             to this.
@@ -311,10 +423,12 @@ async def download(
         read_timeout=read_timeout,
         max_bytes=max_bytes,
         allowed_hosts=allowed_hosts,
+        denied_hosts=denied_hosts,
+        deny_private=deny_private,
         max_redirects=max_redirects,
         max_retry_after=max_retry_after,
     )
-    check = _HostCheck(allowed_hosts)
+    check = _HostCheck(allowed_hosts, denied_hosts, deny_private)
     pool_size = ctx.max_concurrency
     request_headers = {"User-Agent": user_agent, **(headers or {})}
     timeout = (connect_timeout, read_timeout)

@@ -292,7 +292,7 @@ def dead_letters(report: RunReport) -> dict[Any, dict[str, Any]]:
 def test_every_catalog_row_ends_as_documented(
     backend: Backend, http_server: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Good rows get decodable thumbnails and an ok results row; each fault is retried or dead-lettered."""
+    """Good rows get thumbnails and an ok results row; each fault is retried or dead-lettered and recorded."""
     rows = serve_catalog(http_server)
     backend.seed([(r.id, r.url) for r in rows])
     with caplog.at_level(logging.INFO, logger="pipeline"):
@@ -312,7 +312,7 @@ def test_every_catalog_row_ends_as_documented(
 
     thumbnail = _stage(SHIPPED, "thumbnail")
     results = backend.results()
-    assert sorted(results) == sorted(str(r.id) for r in good), "a results row for each good row, only"
+    assert sorted(results) == sorted(str(r.id) for r in rows), "a results row for every catalog row"
     root = tmp_path / "thumbnails"
     for row in good:
         result = results[str(row.id)]
@@ -336,6 +336,16 @@ def test_every_catalog_row_ends_as_documented(
         assert letter["error_type"].rpartition(".")[2] == row.error, letter
         assert row.message in letter["message"], letter
         assert letter["attempts"] == row.attempts, letter
+        result = results[str(row.id)]
+        assert (result["status"], result["outputs"], result["width"], result["height"]) == (
+            "failed",
+            None,
+            None,
+            None,
+        ), result
+        assert result["error"].startswith(f"{row.stage}: {row.error}: "), result
+        assert row.message in result["error"], result
+        assert result["run_id"] == RUN_ID, result
 
     download = next(s for s in report.stages if s.name == "download")
     assert download.retries == sum(r.attempts - 1 for r in rows)
@@ -450,7 +460,8 @@ def test_demo_runs_the_batch_on_a_fresh_checkout_and_again(tmp_path: Path) -> No
     assert len(thumbs) == 37 * 2
     with contextlib.closing(sqlite3.connect(tmp_path / "var/catalog.db")) as conn:
         assert conn.execute("SELECT count(*) FROM catalog").fetchone() == (40,)
-        assert conn.execute("SELECT status, count(*) FROM results GROUP BY status").fetchall() == [("ok", 37)]
+        by_status = conn.execute("SELECT status, count(*) FROM results GROUP BY status ORDER BY status")
+        assert by_status.fetchall() == [("failed", 3), ("ok", 37)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,8 +24,18 @@ from typing import Any, Literal
 import pymysql
 import pytest
 
-from pipeline import CapacityLimiter, ConfigError, Context, DatabaseHandle, Skip, TransientError
+from pipeline import (
+    CapacityLimiter,
+    ConfigError,
+    Context,
+    Database,
+    DatabaseHandle,
+    Skip,
+    Stage,
+    TransientError,
+)
 from pipeline._contract import SharedResources
+from pipeline.testing import run_stages_async
 from stages.db import (
     DatabaseError,
     RowNotFoundError,
@@ -458,6 +468,121 @@ async def test_write_results_upserts_one_row_per_key(backend: Backend, harness: 
         None,
         "run-1",
     )
+
+
+def _result_rows(backend: Backend) -> dict[str, tuple[Any, ...]]:
+    """``results`` by key: (status, outputs, width, height, error)."""
+    key = "`key`" if backend.kind == "mysql" else '"key"'
+    rows = backend.run(f"SELECT {key}, status, outputs, width, height, error FROM results")
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+async def test_write_results_records_an_item_that_failed_upstream(backend: Backend, harness: Harness) -> None:
+    """A diverted failed item gets status 'failed', the error prefixed with its stage, NULL outputs."""
+    harness.add(backend.dsn)
+    diverted = {
+        "id": 20,
+        "url": "http://127.0.0.1/gone.jpg",
+        "status": "failed",
+        "error": "DownloadError: GET http://127.0.0.1/gone.jpg answered 404 Not Found",
+        "failed_stage": "download",
+    }
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        assert await write(dict(diverted)) == diverted
+    assert _result_rows(backend) == {
+        "20": (
+            "failed",
+            None,
+            None,
+            None,
+            "download: DownloadError: GET http://127.0.0.1/gone.jpg answered 404 Not Found",
+        )
+    }
+
+
+async def test_write_results_records_a_skipped_item_with_its_reason(
+    backend: Backend, harness: Harness
+) -> None:
+    """A diverted skipped item gets status 'skipped' and the skip's reason; without a reason, NULL."""
+    harness.add(backend.dsn)
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        await write({"id": 1, "status": "skipped", "error": "unchanged", "failed_stage": "lookup"})
+        await write({"id": 2, "status": "skipped", "error": None, "failed_stage": "lookup"})
+    assert _result_rows(backend) == {
+        "1": ("skipped", None, None, None, "lookup: unchanged"),
+        "2": ("skipped", None, None, None, None),
+    }
+
+
+async def test_write_results_failed_night_replaces_a_previous_ok_row(
+    backend: Backend, harness: Harness
+) -> None:
+    """The row is tonight's outcome: a failure after an ok night reads 'failed' with no outputs."""
+    harness.add(backend.dsn)
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        await write({"id": 7, "outputs": ["07/7/256.webp"], "width": 640, "height": 480})
+        await write({"id": 7, "status": "failed", "error": "OSError: disk full", "failed_stage": "write"})
+    assert _result_rows(backend) == {"7": ("failed", None, None, None, "write: OSError: disk full")}
+
+
+async def test_write_results_keeps_what_a_partly_processed_item_carries(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """An item that failed late keeps the size measured before the failure."""
+    backend = _sqlite_backend(tmp_path / "r.db")
+    harness.add(backend.dsn)
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        await write(
+            {"id": 3, "width": 64, "height": 32, "status": "failed", "error": "E: x", "failed_stage": "write"}
+        )
+    assert _result_rows(backend) == {"3": ("failed", None, 64, 32, "write: E: x")}
+
+
+async def test_write_results_ignores_status_and_error_fields_of_an_ok_item(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A catalog column named status or error on an item that went through every stage is not its outcome."""
+    backend = _sqlite_backend(tmp_path / "r.db")
+    harness.add(backend.dsn)
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        await write({"id": 1, "status": "archived", "error": "legacy note"})
+    assert _result_rows(backend) == {"1": ("ok", "[]", None, None, None)}
+
+
+async def test_write_results_never_stores_a_url_password(harness: Harness, tmp_path: Path) -> None:
+    """A password in a URL of a custom stage's error is replaced by *** before it is stored."""
+    backend = _sqlite_backend(tmp_path / "r.db")
+    harness.add(backend.dsn)
+    error = "ValueError: cannot reach mysql://loader:hunter2@db.internal/catalog"
+    async with write_results(harness.ctx("record"), database="catalog") as write:
+        await write({"id": 1, "status": "failed", "error": error, "failed_stage": "enrich"})
+    stored = _result_rows(backend)["1"][4]
+    assert stored == "enrich: ValueError: cannot reach mysql://loader:***@db.internal/catalog"
+
+
+async def test_write_results_as_always_stage_records_every_item(tmp_path: Path) -> None:
+    """Through the engine, Stage(write_results, always=True) gets one row per item, failed ones included."""
+    path = tmp_path / "r.db"
+
+    def check(item: dict[str, Any]) -> dict[str, Any]:
+        if item["id"] == 2:
+            raise ValueError("id 2 is bad")
+        if item["id"] == 3:
+            raise Skip("id 3 is not wanted")
+        return item
+
+    result = await run_stages_async(
+        [{"id": 1}, {"id": 2}, {"id": 3}],
+        Stage(check, name="check"),
+        Stage(write_results, name="record", always=True, options={"database": "catalog"}),
+        databases={"catalog": Database(f"sqlite:///{path}")},
+    )
+    assert (result.report.items.ok, result.report.items.failed, result.report.items.skipped) == (1, 1, 1)
+    assert _result_rows(_sqlite_backend(path)) == {
+        "1": ("ok", "[]", None, None, None),
+        "2": ("failed", None, None, None, "check: ValueError: id 2 is bad"),
+        "3": ("skipped", None, None, None, "check: id 3 is not wanted"),
+    }
 
 
 async def test_write_results_refuses_a_table_name_that_is_not_an_identifier(

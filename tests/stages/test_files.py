@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import logging
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 from PIL import Image
 
-from pipeline import Retry, Stage
+from pipeline import ConfigError, ResourceError, Retry, Stage
 from pipeline.testing import run_stages_async
-from stages.files import OutputWriteError, atomic_write, clean_stale_temp_files, safe_key, write
+from stages.files import (
+    OutputWriteError,
+    atomic_write,
+    clean_stale_temp_files,
+    safe_key,
+    write,
+    write_item,
+)
 from stages.image import thumbnail
 from tests import images
 
@@ -166,7 +176,7 @@ def test_odd_key_keeps_a_readable_prefix() -> None:
 def test_write_keeps_hostile_keys_inside_the_root(tmp_path: Path, key: object, layout: str) -> None:
     """Whatever the key, every file lands inside the root, at the path the item reports."""
     root = tmp_path / "out"
-    result = write({"id": key, "thumbnails": [thumb()]}, root=str(root), layout=layout)  # type: ignore[arg-type]
+    result = write_item({"id": key, "thumbnails": [thumb()]}, root=str(root), layout=layout)  # type: ignore[arg-type]
     [rel] = result["outputs"]
     written = (root / rel).resolve()
     assert written.is_relative_to(root.resolve())
@@ -180,7 +190,7 @@ def test_write_reports_paths_and_drops_data(tmp_path: Path) -> None:
         "id": "sku-1",
         "thumbnails": [thumb("1024", "JPEG", b"big"), thumb("256", "JPEG", b"small")],
     }
-    result = write(item, root=str(tmp_path))
+    result = write_item(item, root=str(tmp_path))
     assert result["outputs"] == ["sku-1/1024.jpg", "sku-1/256.jpg"]
     assert [t["path"] for t in result["thumbnails"]] == result["outputs"]
     assert all("data" not in t for t in result["thumbnails"])
@@ -190,7 +200,7 @@ def test_write_reports_paths_and_drops_data(tmp_path: Path) -> None:
 
 def test_write_sharded_layout_adds_a_shard_directory(tmp_path: Path) -> None:
     """The sharded layout puts the key directory under a two-hex-digit shard."""
-    result = write({"id": "sku-1", "thumbnails": [thumb()]}, root=str(tmp_path), layout="sharded")
+    result = write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(tmp_path), layout="sharded")
     shard, key_dir, name = result["outputs"][0].split("/")
     assert (len(shard), key_dir, name) == (2, "sku-1", "256.webp")
     int(shard, 16)
@@ -203,7 +213,7 @@ def test_write_refuses_a_symlink_out_of_the_root(tmp_path: Path) -> None:
     outside.mkdir()
     (root / "sku-1").symlink_to(outside)
     with pytest.raises(ValueError, match="resolves outside the output root"):
-        write({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
+        write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
     assert list(outside.iterdir()) == []
 
 
@@ -212,7 +222,7 @@ def test_write_fails_clearly_when_root_is_a_file(tmp_path: Path) -> None:
     root = tmp_path / "not-a-dir"
     root.write_bytes(b"")
     with pytest.raises(OutputWriteError, match=r"could not create the directory .*not-a-dir/sku-1.*ENOTDIR"):
-        write({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
+        write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
     assert files_under(tmp_path) == [root]
 
 
@@ -221,7 +231,7 @@ def test_write_fails_clearly_when_a_file_cannot_be_placed(tmp_path: Path) -> Non
     the path, the cause is chained, and no temporary file is left."""
     (tmp_path / "sku-1" / "256.webp" / "x").mkdir(parents=True)
     with pytest.raises(OutputWriteError, match=r"could not write .*sku-1/256\.webp.*EISDIR") as info:
-        write({"id": "sku-1", "thumbnails": [thumb()]}, root=str(tmp_path))
+        write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(tmp_path))
     assert isinstance(info.value.__cause__, OSError)
     assert files_under(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "sku-1").iterdir()) == ["256.webp"]
@@ -230,14 +240,14 @@ def test_write_fails_clearly_when_a_file_cannot_be_placed(tmp_path: Path) -> Non
 def test_write_refuses_two_thumbnails_with_one_name(tmp_path: Path) -> None:
     """Two thumbnails that would land on one path fail the item before anything is written."""
     with pytest.raises(ValueError, match=r"would both be written to 'sku-1/a\.png'"):
-        write({"id": "sku-1", "thumbnails": [thumb("a", "PNG"), thumb("a", "PNG")]}, root=str(tmp_path))
+        write_item({"id": "sku-1", "thumbnails": [thumb("a", "PNG"), thumb("a", "PNG")]}, root=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_needs_thumbnails(tmp_path: Path) -> None:
     """An item without a thumbnails list fails naming the stage to run first."""
     with pytest.raises(ValueError, match="run the thumbnail stage before write"):
-        write({"id": "sku-1"}, root=str(tmp_path))
+        write_item({"id": "sku-1"}, root=str(tmp_path))
 
 
 @pytest.mark.timeout(30)
@@ -260,3 +270,110 @@ async def test_thumbnail_then_write_through_the_engine(tmp_path: Path) -> None:
     assert (dead["key"], dead["stage"]) == ("html", "thumbnail")
     assert "not a decodable image: cannot identify image file" in dead["message"]
     assert not any(name.startswith(".") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+STALE = ".256.webp.tmp-0123456789abcdef0123456789abcdef"
+FRESH = ".1024.webp.tmp-fedcba9876543210fedcba9876543210"
+
+
+def _plant_temp_files(root: Path, *, stale_age: float) -> tuple[Path, Path]:
+    """A temporary file last modified ``stale_age`` seconds ago, and one modified just now."""
+    (root / "k").mkdir(parents=True)
+    stale, fresh = root / "k" / STALE, root / "k" / FRESH
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    old = time.time() - stale_age
+    os.utime(stale, (old, old))
+    return stale, fresh
+
+
+def _one_item_through_write(root: Path, **options: Any) -> Any:
+    item = {"id": "sku-1", "thumbnails": [thumb()]}
+    return run_stages_async(
+        [item], Stage(write, retry=Retry(attempts=1), options={"root": str(root), **options})
+    )
+
+
+async def test_write_stage_removes_every_temp_file_when_no_other_run_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening the write stage on a tree no other run holds removes all temporary files, however
+    recent (they can only be a killed run's), says how many, and leaves the outputs alone."""
+    root = tmp_path / "out"
+    stale, fresh = _plant_temp_files(root, stale_age=5)
+    (root / "k" / "256.webp").write_bytes(b"earlier output")
+    with caplog.at_level(logging.INFO, logger="stages.files"):
+        run = await _one_item_through_write(root)
+    assert run.report.items.ok == 1
+    assert not stale.exists()
+    assert not fresh.exists()
+    assert (root / "k" / "256.webp").read_bytes() == b"earlier output"
+    assert "stage 'write': removed 2 stale temporary files under" in caplog.text
+
+
+async def test_write_stage_spares_recent_temp_files_while_another_run_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While another writer holds the root (its shared lock), only temporary files older than
+    stale_after go: a recent one may be that writer's file in progress."""
+    root = tmp_path / "out"
+    stale, fresh = _plant_temp_files(root, stale_age=7200)
+    other = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_SH)  # what a running write stage holds
+        with caplog.at_level(logging.INFO, logger="stages.files"):
+            run = await _one_item_through_write(root)
+    finally:
+        os.close(other)
+    assert run.report.items.ok == 1
+    assert not stale.exists()
+    assert fresh.exists()
+    assert "removed 1 stale temporary file under" in caplog.text
+    assert "another run is writing there: only those older than 3600s" in caplog.text
+
+
+async def test_write_stage_holds_a_shared_lock_on_the_root_while_open(tmp_path: Path) -> None:
+    """While a run's write stage is open, nobody can take the root exclusively (so a second run
+    knows a writer is active); once the run ends, the lock is gone."""
+    root = tmp_path / "out"
+    seen: list[bool] = []
+
+    def probe(item: dict[str, Any]) -> dict[str, Any]:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except BlockingIOError:
+                seen.append(True)
+        finally:
+            os.close(fd)
+        return item
+
+    await run_stages_async(
+        [{"id": "sku-1", "thumbnails": [thumb()]}],
+        Stage(write, options={"root": str(root)}),
+        Stage(probe),
+    )
+    assert seen == [True]
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a lock was left behind
+    finally:
+        os.close(fd)
+
+
+async def test_write_stage_fails_the_run_at_start_when_the_root_is_a_file(tmp_path: Path) -> None:
+    """A root that cannot be a directory fails the run before any item, naming the path and the fix."""
+    root = tmp_path / "not-a-dir"
+    root.write_bytes(b"")
+    with pytest.raises(ResourceError, match=r"stage 'write': could not prepare the output root .*not-a-dir"):
+        await _one_item_through_write(root)
+    assert files_under(tmp_path) == [root]
+
+
+@pytest.mark.parametrize(("option", "value"), [("layout", "flat"), ("stale_after", -1)])
+async def test_write_stage_refuses_bad_options(tmp_path: Path, option: str, value: object) -> None:
+    """A bad layout or stale_after is refused when the stage is defined, naming the value; nothing runs."""
+    with pytest.raises(ConfigError, match=f"option {option!r} = {value!r} is invalid"):
+        await _one_item_through_write(tmp_path, **{option: value})

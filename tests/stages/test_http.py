@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -18,10 +19,18 @@ import pytest
 import requests
 import requests.adapters
 
+import stages.http
 from pipeline import CapacityLimiter, ConfigError, Context, Item, Retry, RetryAfter, Stage, TransientError
 from pipeline._contract import SharedResources
 from pipeline.testing import run_stages_async
-from stages.http import DownloadError, _HostCheck, _redact, _retry_after_seconds, download
+from stages.http import (
+    DownloadError,
+    _HostCheck,
+    _private_reason,
+    _redact,
+    _retry_after_seconds,
+    download,
+)
 from tests.fixtures.httpserver import LoopbackServer
 
 Fetch = Callable[[Item], Item]
@@ -402,6 +411,187 @@ def test_allowed_hosts_wildcard_matches_subdomains_only() -> None:
         check("https://example.com/a.jpg", what="URL")
 
 
+# -- denied hosts and private addresses ---------------------------------------------------
+
+
+async def test_deny_private_refuses_a_loopback_ip_in_the_url(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """deny_private refuses http://127.0.0.1:PORT/... for good, naming the host and why, with no request."""
+    url = http_server.add("/a.jpg", b"x")
+    fetch = await open_download(deny_private=True)
+
+    with pytest.raises(DownloadError, match=r"host '127\.0\.0\.1' is a loopback address") as info:
+        await call(fetch, url)
+
+    assert "deny_private = false" in str(info.value)
+    assert "remove the URL from the catalog" in str(info.value)
+    assert http_server.hits("/a.jpg") == 0
+
+
+async def test_deny_private_refuses_a_name_resolving_to_loopback(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """deny_private resolves http://localhost:PORT/... and refuses it for its loopback address."""
+    http_server.add("/a.jpg", b"x")
+    fetch = await open_download(deny_private=True)
+
+    with pytest.raises(DownloadError, match=r"host 'localhost' resolves to '(127\.0\.0\.1|::1)', a loopback"):
+        await call(fetch, f"http://localhost:{http_server.port}/a.jpg")
+
+    assert http_server.hits("/a.jpg") == 0
+
+
+async def test_deny_private_applies_to_each_redirect_target(
+    http_server: LoopbackServer, open_download: OpenDownload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redirect from a host that passes deny_private to a loopback IP is refused before it is requested."""
+    real = stages.http._resolve
+    # 'localhost' passes as a public host (TEST-NET would not: it is reserved), so the first
+    # request goes out; the connection itself still resolves it for real.
+    monkeypatch.setattr(
+        stages.http, "_resolve", lambda host: ["93.184.216.34"] if host == "localhost" else real(host)
+    )
+    http_server.add("/away", status=302, headers={"Location": http_server.url("/a.jpg")})
+    http_server.add("/a.jpg", b"x")
+    fetch = await open_download(deny_private=True)
+
+    with pytest.raises(DownloadError, match=r"redirect from .* host '127\.0\.0\.1' is a loopback address"):
+        await call(fetch, f"http://localhost:{http_server.port}/away")
+
+    assert (http_server.hits("/away"), http_server.hits("/a.jpg")) == (1, 0)
+
+
+async def test_redirect_to_a_denied_host_is_not_followed(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """denied_hosts applies to each redirect target: an allowed host redirecting to a denied one fails."""
+    http_server.add("/away", status=302, headers={"Location": f"http://localhost:{http_server.port}/a.jpg"})
+    http_server.add("/a.jpg", b"x")
+    fetch = await open_download(denied_hosts=["localhost"], allowed_hosts=["127.0.0.1", "localhost"])
+
+    with pytest.raises(DownloadError, match=r"redirect from .* host 'localhost', which is in denied_hosts"):
+        await call(fetch, http_server.url("/away"))
+
+    assert (http_server.hits("/away"), http_server.hits("/a.jpg")) == (1, 0)
+
+
+async def test_denied_host_exact_name_is_refused(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A host listed in denied_hosts fails for good, with no request, and the message names the fix."""
+    url = http_server.add("/a.jpg", b"x")
+    fetch = await open_download(denied_hosts=["127.0.0.1"])
+
+    with pytest.raises(DownloadError, match=r"host '127\.0\.0\.1', which is in denied_hosts; remove"):
+        await call(fetch, url)
+
+    assert http_server.hits("/a.jpg") == 0
+
+
+def test_denied_hosts_wildcard_matches_subdomains_only() -> None:
+    """'*.internal.example' denies a.internal.example (any case) but not internal.example or others."""
+    check = _HostCheck(None, ["*.internal.example"])
+    for url in ("http://a.internal.example/x", "http://B.A.Internal.Example./x"):
+        with pytest.raises(DownloadError, match="which is in denied_hosts"):
+            check(url, what="URL")
+    check("http://internal.example/x", what="URL")
+    check("http://a.internal.example.org/x", what="URL")
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("10.1.2.3", "a private address"),
+        ("172.16.0.1", "a private address"),
+        ("172.31.255.254", "a private address"),
+        ("192.168.1.1", "a private address"),
+        ("100.100.100.200", "a private address"),
+        ("fc00::1", "a private address"),
+        ("fd12:3456::1", "a private address"),
+        ("127.0.0.1", "a loopback address"),
+        ("127.1.2.3", "a loopback address"),
+        ("::1", "a loopback address"),
+        ("::ffff:127.0.0.1", "a loopback address"),
+        ("169.254.169.254", "a link-local address (the cloud metadata service)"),
+        ("169.254.1.1", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("0.0.0.0", "an unspecified address"),
+        ("::", "an unspecified address"),
+        ("224.0.0.1", "a multicast address"),
+        ("ff02::1", "a multicast address"),
+        ("93.184.216.34", None),
+        ("172.32.0.1", None),
+        ("2606:4700:4700::1111", None),
+        ("::ffff:8.8.8.8", None),
+    ],
+)
+def test_private_reason_sorts_addresses(address: str, reason: str | None) -> None:
+    """Each private range deny_private refuses is named; public unicast addresses pass."""
+    assert _private_reason(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1]/x",
+        "http://[fe80::1%25eth0]/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://2130706433/x",  # 127.0.0.1 as one number: getaddrinfo reads it as an address
+        "http://0x7f.1/x",
+    ],
+)
+def test_deny_private_sees_through_address_spellings(url: str) -> None:
+    """IPv6 literals, zone ids and numeric spellings of loopback and metadata addresses are refused too."""
+    check = _HostCheck(None, None, deny_private=True)
+
+    with pytest.raises(DownloadError, match="deny_private is set"):
+        check(url, what="URL")
+
+
+def test_deny_private_refuses_a_name_if_any_address_is_private() -> None:
+    """A name resolving to one public and one private address is refused, naming the private one."""
+    check = _HostCheck(None, None, deny_private=True, resolve=lambda host: ["93.184.216.34", "10.0.0.5"])
+
+    with pytest.raises(DownloadError, match=r"host 'mixed\.example' resolves to '10\.0\.0\.5', a private"):
+        check("http://mixed.example/x", what="URL")
+
+
+def test_deny_private_passes_a_name_with_only_public_addresses() -> None:
+    """A name resolving only to public addresses passes the check."""
+    check = _HostCheck(None, None, deny_private=True, resolve=lambda host: ["93.184.216.34", "2606:2800::1"])
+    check("http://public.example/x", what="URL")
+
+
+def test_deny_private_name_that_does_not_resolve_is_transient() -> None:
+    """A name that cannot be resolved is a TransientError (a DNS outage passes), not a pass."""
+
+    def fail(host: str) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    check = _HostCheck(None, None, deny_private=True, resolve=fail)
+
+    with pytest.raises(TransientError, match="could not be resolved"):
+        check("http://flaky-dns.example/x", what="URL")
+
+
+async def test_engine_dead_letters_a_private_url_after_one_attempt(http_server: LoopbackServer) -> None:
+    """Run by the engine, a URL refused by deny_private is a permanent failure: one attempt, dead-lettered."""
+    url = http_server.add("/a.jpg", b"x")
+    stage = Stage(
+        download,
+        name="download",
+        retry=Retry(attempts=3, backoff=0, jitter=0),
+        options={"trust_env": False, "deny_private": True},
+    )
+
+    async with asyncio.timeout(30):
+        run = await run_stages_async([{"id": 1, "url": url}], stage)
+
+    assert [(d["error_type"], d["attempts"]) for d in run.dead_letters] == [("stages.http.DownloadError", 1)]
+    assert http_server.hits("/a.jpg") == 0
+
+
 @pytest.mark.parametrize(
     "item", [{"id": 1}, {"id": 1, "url": None}, {"id": 1, "url": "  "}, {"id": 1, "url": 42}]
 )
@@ -421,6 +611,9 @@ async def test_missing_or_non_string_url_fails_for_good(open_download: OpenDownl
         ({"max_redirects": -1}, "max_redirects must be >= 0"),
         ({"allowed_hosts": []}, "allowed_hosts is an empty list"),
         ({"url_field": ""}, "url_field must be a non-empty field name"),
+        ({"denied_hosts": [""]}, "denied_hosts must hold host names"),
+        ({"denied_hosts": "localhost"}, "denied_hosts must be a list of host names"),
+        ({"deny_private": "yes"}, "deny_private must be true or false"),
     ],
 )
 async def test_bad_options_are_refused(
