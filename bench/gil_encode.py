@@ -92,13 +92,16 @@ def main() -> None:
 
     sources = [photo_jpeg(1600, 1200, seed=i) for i in range(args.images)]
     thumbs = [_thumbs(photo_image(1600, 1200, seed=i)) for i in range(args.images)]
-    print(f"cpus={os.cpu_count()} pillow={PIL.__version__} images={args.images} "
-          f"source=1600x1200 JPEG q90 sizes={SIZES} count={args.count} rounds={args.rounds}")
+    print(
+        f"cpus={os.cpu_count()} pillow={PIL.__version__} images={args.images} "
+        f"source=1600x1200 JPEG q90 sizes={SIZES} count={args.count} rounds={args.rounds}"
+    )
     print(f"{'workload':8} {'format':5} {'dest':8} {'1 thread/s':>11} {'2 threads/s':>12} {'speed-up':>9}")
     with tempfile.TemporaryDirectory() as tmpdir:
         for workload in ("encode", "full"):
             for fmt in FORMATS:
                 for dest in ("bytesio", "file"):
+
                     def task(i: int, fmt: str = fmt, dest: str = dest, workload: str = workload) -> int:
                         if workload == "encode":
                             return _encode(thumbs[i % len(thumbs)], fmt, dest, tmpdir)

@@ -129,7 +129,9 @@ class CapacityLimiter:
             Whether a slot was taken.
         """
         if not self._waiters and self._borrowed < self._total:
-            self._take()
+            self._borrowed += 1
+            if self._borrowed > self._max_borrowed:
+                self._max_borrowed = self._borrowed
             return True
         return False
 
@@ -138,7 +140,8 @@ class CapacityLimiter:
         if self._borrowed <= 0:
             raise RuntimeError(f"{self._name}: release() called more times than acquire()")
         self._borrowed -= 1
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     async def __aenter__(self) -> None:
         await self.acquire()

@@ -29,7 +29,7 @@ log = logging.getLogger("pipeline")
 def _snapshot(runner: Runner) -> tuple[float, int, int, int, int]:
     elapsed = time.perf_counter() - runner.started
     done = runner.ok + runner.failed + runner.skipped
-    return elapsed, runner.read, done, runner.failed, len(runner._open)
+    return elapsed, runner.read, done, runner.failed, runner.open_items
 
 
 def _table(runner: Runner) -> Table:

@@ -54,4 +54,5 @@ def test_python_api_example_runs(tmp_path: Path, monkeypatch: object) -> None:
     )
     exec(example, namespace)
     report = namespace["report"]
-    assert report.items.read == 100 and report.items.ok == 100  # type: ignore[attr-defined]
+    assert report.items.read == 100  # type: ignore[attr-defined]
+    assert report.items.ok == 100  # type: ignore[attr-defined]

@@ -19,5 +19,10 @@ def cli_env() -> dict[str, str]:
 def run_cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

@@ -15,8 +15,10 @@ import pipeline.testing
 
 def public_names(module: types.ModuleType) -> set[str]:
     return {
-        name for name, value in vars(module).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
         and name != "annotations"  # `from __future__ import annotations`
     }
 
@@ -31,7 +33,8 @@ def test_testing_all_matches_its_definitions() -> None:
     """``pipeline.testing.__all__`` lists exactly the public classes and functions it defines."""
     module = pipeline.testing
     defined = {
-        name for name, value in vars(module).items()
+        name
+        for name, value in vars(module).items()
         if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
     }
     assert set(module.__all__) == defined

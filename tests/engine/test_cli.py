@@ -34,8 +34,17 @@ width = 7
 """
 
 STAGE_KEYS = {
-    "name", "kind", "concurrency", "ok", "failed", "skipped", "retries",
-    "max_in_flight", "latency_s", "busy_ratio", "blocked_s",
+    "name",
+    "kind",
+    "concurrency",
+    "ok",
+    "failed",
+    "skipped",
+    "retries",
+    "max_in_flight",
+    "latency_s",
+    "busy_ratio",
+    "blocked_s",
 }
 
 
@@ -89,7 +98,11 @@ def test_run_limit(write_config: Callable[[str], Path], tmp_path: Path) -> None:
     proc = run_cli("run", str(cfg), "--report", "r.json", "--limit", "2", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert read_json(tmp_path / "r.json")["items"] == {
-        "read": 2, "ok": 1, "failed": 1, "skipped": 0, "unfinished": 0,
+        "read": 2,
+        "ok": 1,
+        "failed": 1,
+        "skipped": 0,
+        "unfinished": 0,
     }
 
 
@@ -120,7 +133,7 @@ def test_config_error_exits_2_and_runs_nothing(
     write_config: Callable[[str], Path], tmp_path: Path, command: str
 ) -> None:
     """A config error exits 2 with the file, key and fix on stderr; no stage runs, no run dir."""
-    bad_stage = "\n[[stages]]\nuse = \"{mod}:touch\"\nconcurrency = 0\n"
+    bad_stage = '\n[[stages]]\nuse = "{mod}:touch"\nconcurrency = 0\n'
     cfg = write_config(CONFIG.format(max_failures=0) + bad_stage)
     proc = run_cli(command, str(cfg), cwd=tmp_path)
     assert proc.returncode == 2

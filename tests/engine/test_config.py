@@ -34,7 +34,9 @@ def config_error(write_config: Callable[[str], Path], body: str) -> tuple[Config
 
 def test_valid_config_with_stage_module_next_to_it(write_config: Callable[[str], Path]) -> None:
     """A config using a stage module next to the file loads, with options checked and coerced."""
-    path = write_config(HEAD + """
+    path = write_config(
+        HEAD
+        + """
 [databases.main]
 dsn = "sqlite:///x.db"
 concurrency = 2
@@ -46,7 +48,8 @@ concurrency = 3
 width = 20
 timeout = 1.5
 retry = { attempts = 2, backoff = 0.0, on = ["KeyError"] }
-""")
+"""
+    )
     p = load_config(str(path))
     assert isinstance(p, Pipeline)
     stage = p.stages[0]
@@ -61,35 +64,88 @@ retry = { attempts = 2, backoff = 0.0, on = ["KeyError"] }
 @pytest.mark.parametrize(
     ("body", "location", "fix"),  # fix: a regular expression the message must contain
     [
-        pytest.param(HEAD.replace('name = "t"', 'name = "t"\nqueue_sise = 3') + GOOD_STAGE,
-                     "pipeline.queue_sise", "remove it or check its spelling", id="unknown-key"),
-        pytest.param(HEAD + GOOD_STAGE + GOOD_STAGE + 'concurrency = "4"\n',
-                     "stages[1].concurrency", r"must be .*integer.*got '4'", id="wrong-type"),
-        pytest.param(HEAD + GOOD_STAGE + "concurrency = 0\n",
-                     "stages[0].concurrency", r"must be .*>= 1.*got 0", id="cap-below-one"),
-        pytest.param(HEAD + "\n[[stages]]\nname = 'x'\n",
-                     "stages[0].use", "\'use\' is required; add it", id="missing-use"),
-        pytest.param(HEAD + "\n[[stages]]\nuse = 'no_such_module_xyz:f'\n",
-                     "stages[0].use", "cannot import module 'no_such_module_xyz'", id="unimportable"),
-        pytest.param(HEAD + "\n[[stages]]\nuse = '{mod}:nope'\n",
-                     "stages[0].use", "has no attribute 'nope'", id="missing-callable"),
-        pytest.param(HEAD + "\n[[stages]]\nuse = '{mod}:NOT_CALLABLE'\n",
-                     "stages[0].use", "not a callable", id="not-callable"),
-        pytest.param(HEAD + GOOD_STAGE + 'colour = "red"\n',
-                     "stages[0].colour", "'colour'.*accepts width", id="unknown-option"),
-        pytest.param(HEAD + GOOD_STAGE + 'width = "wide"\n',
-                     "stages[0].width", "option 'width' = 'wide' is invalid", id="option-type"),
-        pytest.param(HEAD + GOOD_STAGE + "retry = { attempts = 0 }\n",
-                     "stages[0].retry.attempts", "must be >= 1", id="retry-attempts"),
-        pytest.param(HEAD + GOOD_STAGE + "retry = { on = ['NoSuchError'] }\n",
-                     "stages[0].retry.on", "not an exception type", id="retry-on"),
-        pytest.param(HEAD + GOOD_STAGE + 'kind = "process"\n',
-                     "stages[0].kind", "'async' or 'thread'", id="kind"),
-        pytest.param(HEAD + "\n[databases.main]\nconcurrency = 2\n" + GOOD_STAGE,
-                     "databases.main.dsn", "'dsn' is required", id="database-dsn"),
+        pytest.param(
+            HEAD.replace('name = "t"', 'name = "t"\nqueue_sise = 3') + GOOD_STAGE,
+            "pipeline.queue_sise",
+            "remove it or check its spelling",
+            id="unknown-key",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + GOOD_STAGE + 'concurrency = "4"\n',
+            "stages[1].concurrency",
+            r"must be .*integer.*got '4'",
+            id="wrong-type",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + "concurrency = 0\n",
+            "stages[0].concurrency",
+            r"must be .*>= 1.*got 0",
+            id="cap-below-one",
+        ),
+        pytest.param(
+            HEAD + "\n[[stages]]\nname = 'x'\n",
+            "stages[0].use",
+            "'use' is required; add it",
+            id="missing-use",
+        ),
+        pytest.param(
+            HEAD + "\n[[stages]]\nuse = 'no_such_module_xyz:f'\n",
+            "stages[0].use",
+            "cannot import module 'no_such_module_xyz'",
+            id="unimportable",
+        ),
+        pytest.param(
+            HEAD + "\n[[stages]]\nuse = '{mod}:nope'\n",
+            "stages[0].use",
+            "has no attribute 'nope'",
+            id="missing-callable",
+        ),
+        pytest.param(
+            HEAD + "\n[[stages]]\nuse = '{mod}:NOT_CALLABLE'\n",
+            "stages[0].use",
+            "not a callable",
+            id="not-callable",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + 'colour = "red"\n',
+            "stages[0].colour",
+            "'colour'.*accepts width",
+            id="unknown-option",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + 'width = "wide"\n',
+            "stages[0].width",
+            "option 'width' = 'wide' is invalid",
+            id="option-type",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + "retry = { attempts = 0 }\n",
+            "stages[0].retry.attempts",
+            "must be >= 1",
+            id="retry-attempts",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + "retry = { on = ['NoSuchError'] }\n",
+            "stages[0].retry.on",
+            "not an exception type",
+            id="retry-on",
+        ),
+        pytest.param(
+            HEAD + GOOD_STAGE + 'kind = "process"\n', "stages[0].kind", "'async' or 'thread'", id="kind"
+        ),
+        pytest.param(
+            HEAD + "\n[databases.main]\nconcurrency = 2\n" + GOOD_STAGE,
+            "databases.main.dsn",
+            "'dsn' is required",
+            id="database-dsn",
+        ),
         pytest.param(HEAD, "stages", "'stages' is required", id="no-stages"),
-        pytest.param(HEAD + "count = 'three'\n" + GOOD_STAGE,
-                     "source.count", "option 'count' = 'three' is invalid", id="source-option"),
+        pytest.param(
+            HEAD + "count = 'three'\n" + GOOD_STAGE,
+            "source.count",
+            "option 'count' = 'three' is invalid",
+            id="source-option",
+        ),
     ],
 )
 def test_config_error_names_file_location_and_fix(

@@ -127,9 +127,7 @@ async def test_retry_after_pauses_the_whole_stage() -> None:
             raise RetryAfter(delay)
         return item
 
-    result = await run_stages_async(
-        items(6), Stage(limited, concurrency=2, retry=fast_retry(2))
-    )
+    result = await run_stages_async(items(6), Stage(limited, concurrency=2, retry=fast_retry(2)))
     assert result.report.items.ok == 6
     assert result.report.stages[0].retries == 1
     t0 = raised_at[0]
@@ -417,7 +415,8 @@ async def test_factory_raising_on_open_fails_the_run(tmp_path: Path) -> None:
     stage (the original chained), nothing is processed, earlier factories are closed."""
     ok_life, bad_life = Lifecycle(), Lifecycle(fail_open=True)
     p = Pipeline(
-        memory_source(items(3)), [Stage(ok_life.factory(), name="a"), Stage(bad_life.factory(), name="b")],
+        memory_source(items(3)),
+        [Stage(ok_life.factory(), name="a"), Stage(bad_life.factory(), name="b")],
         report_dir=None,
     )
     with pytest.raises(ResourceError, match="stage 'b' could not open: RuntimeError: factory bug") as info:
@@ -442,7 +441,10 @@ async def test_one_limiter_per_database_shared_by_stages() -> None:
 
     dbs = {"x": Database("sqlite:///x.db", concurrency=3), "y": Database("sqlite:///y.db")}
     result = await run_stages_async(
-        items(2), Stage(uses_db("x"), name="a"), Stage(uses_db("x"), name="b"), Stage(uses_db("y"), name="c"),
+        items(2),
+        Stage(uses_db("x"), name="a"),
+        Stage(uses_db("x"), name="b"),
+        Stage(uses_db("y"), name="c"),
         databases=dbs,
     )
     assert result.report.items.ok == 2

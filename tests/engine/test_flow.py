@@ -214,12 +214,14 @@ async def test_thread_timeout_keeps_slot_until_thread_returns() -> None:
         return item
 
     spy = LimiterSpy(stuck_on_one)
-    run = asyncio.create_task(run_stages_async(
-        [{"id": 1}, {"id": 2}],
-        # Long enough for the thread to have started under load: a call timed out while still
-        # queued in the executor is cancelled and never runs, which is a different case.
-        Stage(spy.factory(), concurrency=1, timeout=0.5, retry=Retry(attempts=1)),
-    ))
+    run = asyncio.create_task(
+        run_stages_async(
+            [{"id": 1}, {"id": 2}],
+            # Long enough for the thread to have started under load: a call timed out while still
+            # queued in the executor is cancelled and never runs, which is a different case.
+            Stage(spy.factory(), concurrency=1, timeout=0.5, retry=Retry(attempts=1)),
+        )
+    )
     try:
         # Item 1 times out and the worker moves on to item 2: it queues for the slot,
         # which the abandoned thread still holds.

@@ -94,7 +94,11 @@ def start(tmp_path: Path, stage: str, grace: float) -> subprocess.Popen[str]:
     cfg.write_text(CONFIG.format(grace=grace, stage=stage, n=IN_FLIGHT))
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", str(cfg), "--report", "r.json", "--no-progress"],
-        cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
 
 
