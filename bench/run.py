@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if "adaptive" in sections:
         from bench import adaptive
 
-        items = 300 if quick else 800
+        items = 300 if quick else 1200
         log(f"adaptive limits: knee, 429 wall and shifting servers, {items} requests per run")
         out = adaptive.main(["--items", str(items)])
         results["adaptive"] = out

@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-failed", action="store_true", help="on a rerun, take the items that failed again too"
     )
+    run.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        metavar="PATH",
+        help="also write the report as Prometheus metrics here (node_exporter's textfile collector)",
+    )
     group = run.add_mutually_exclusive_group()
     group.add_argument(
         "--progress",
@@ -137,23 +143,25 @@ def main(argv: list[str] | None = None) -> int:
         only_failed=args.command == "retry",
     )
     try:
-        report = asyncio.run(runner.run(handle_signals=True))
+        asyncio.run(runner.run(handle_signals=True))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:
-        if runner.last_report is not None:
-            print_summary(runner.last_report)
         print(f"run failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except Exception:
-        if runner.last_report is not None:
-            print_summary(runner.last_report)
         logging.getLogger("pipeline").exception(
             "run failed with an unexpected error (an engine or stage bug)"
         )
+    report = runner.last_report
+    if report is None:  # failed before it could report
         return EXIT_FAILED
     print_summary(report)
+    metrics = getattr(args, "metrics_textfile", None)
+    if metrics is not None:
+        from ._metrics import write_textfile
+
+        write_textfile(report, metrics)
     if runner.run_dir is not None:
         print(f"report: {runner.run_dir / 'report.json'}", file=sys.stderr)
     if report.abandoned_threads:
