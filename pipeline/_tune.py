@@ -336,8 +336,12 @@ async def tune(
             break
     good = [x for x in steps.values() if ok(x)]
     if good:
-        best_cap = max(good, key=lambda x: x.throughput).concurrency
-        for c in _fine(best_cap, sorted(steps), top):
+        # Refine around the knee (the smallest coarse cap near the peak), not the peak itself:
+        # past the knee throughput is flat within noise, and the recommendation is the smallest
+        # cap that gets there.
+        peak = max(x.throughput for x in good)
+        knee = min(x.concurrency for x in good if x.throughput >= 0.9 * peak)
+        for c in _fine(knee, sorted(steps), top):
             await step(c)
     return _recommend(spec.name, index, steps, max_p99, max_error_rate, max_overloaded_rate)
 
@@ -381,10 +385,12 @@ def _recommend(
 
 def print_result(result: TuneResult, console: Any = None) -> None:
     """Print a rich table of the steps and the recommendation."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or (Console() if sys.stdout.isatty() else Console(width=150))
     table = Table(title=f"tune: stage {result.stage!r} (stages[{result.stage_index}])")
     columns = ("cap", "items/s", "p50 ms", "p99 ms", "errors", "429", "loop lag ms", "RSS MB")
     for col in (*columns, "L=λW", "in flight"):
