@@ -133,6 +133,8 @@ class Context:
     ):
         self.pipeline = pipeline
         self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
+        self.ceiling: int | None = None
+        """The lowest hard ceiling declared with :meth:`cap_at` (or by :meth:`database`)."""
         self.run_id = run_id
         self.stage = stage
         self.limiter = limiter
@@ -147,13 +149,24 @@ class Context:
             ConfigError: No database of that name is configured.
         """
         try:
-            return self._databases[name]
+            handle = self._databases[name]
         except KeyError:
             known = ", ".join(sorted(self._databases)) or "none"
             raise ConfigError(
                 f"stage {self.stage!r} uses database {name!r}, which is not configured "
                 f"(configured: {known}); add a [databases.{name}] table or fix the name"
             ) from None
+        # More slots than the database's pool only queue in front of it.
+        self.cap_at(handle.limiter.total)
+        return handle
+
+    def cap_at(self, ceiling: int) -> None:
+        """Declare a hard ceiling for this stage's cap, such as a pool size.
+
+        ``concurrency = "auto"`` never goes above it. :meth:`database` declares the
+        database's concurrency (its pool size) this way.
+        """
+        self.ceiling = ceiling if self.ceiling is None else min(self.ceiling, ceiling)
 
     async def shared(self, key: str, opener: Callable[[], contextlib.AbstractAsyncContextManager[T]]) -> T:
         """Open a resource once per run, shared by every stage that asks with the same key.

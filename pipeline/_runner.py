@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 import logging
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._contract import Context, DatabaseHandle, Kind, SharedResources, is_factory, stage_kind
-from ._definition import Pipeline, Stage, _describe, parse_rate, workload
+from ._definition import Auto, Pipeline, Stage, _describe, parse_rate, workload
 from ._exceptions import (
     ConfigError,
     PipelineError,
@@ -147,6 +148,7 @@ class _StageRun:
         self._adapter: asyncio.Task[None] | None = None
         self._streak = 0
         self._streak_signature: tuple[Any, ...] | None = None
+        self.auto = spec.auto
         # The next stage with always=True: items that fail or are skipped here go on to it.
         self.always_target: _StageRun | None = None
 
@@ -156,7 +158,7 @@ class _StageRun:
         self._tg = tg
         for _ in range(self.limiter.total):
             self._spawn()
-        auto = self.spec.auto
+        auto = self.auto
         if auto is not None:
             from ._adaptive import make_controller
 
@@ -778,6 +780,7 @@ class Runner:
             def pause(seconds: float, box: list[_StageRun] = pause_box) -> None:
                 box[0].pause(seconds)
 
+            ctx: Context | None = None
             if is_factory(fn):
                 ctx = self._context(spec.name, limiter, shared, pause, spec.max_concurrency)
                 fn = await _open(stack, spec.fn(ctx, **spec.options), f"stage {spec.name!r}")
@@ -794,6 +797,10 @@ class Runner:
                     fn = functools.partial(fn, **spec.options)
             outq = self.queues[i + 1] if i + 1 < len(self.queues) else None
             run = _StageRun(self, spec, fn, kind, limiter, self.queues[i], outq)
+            if ctx is not None and ctx.ceiling is not None and run.auto is not None:
+                run.auto = _clamp(run.auto, ctx.ceiling)
+                if limiter.total > (run.auto.max or 1):
+                    limiter.total = run.auto.max or 1
             pause_box.append(run)
             self.stages.append(run)
         for i, run in enumerate(self.stages):
@@ -1125,6 +1132,12 @@ async def _shutdown_executor(executor: concurrent.futures.ThreadPoolExecutor, wa
         )
         return len(alive)
     return 0
+
+
+def _clamp(auto: Auto, ceiling: int) -> Auto:
+    """An adaptive stage's bounds under a hard ceiling (a pool size) its factory declared."""
+    top = max(auto.min, min(auto.max or ceiling, ceiling))
+    return dataclasses.replace(auto, max=top, initial=min(auto.initial or 1, top))
 
 
 async def _open(stack: contextlib.AsyncExitStack, cm: Any, what: str) -> Any:
