@@ -18,7 +18,7 @@ written against the same contract as yours.
 """
 
 from ._contract import Context, DatabaseHandle, Item, StageFunction, factory
-from ._definition import Auto, Database, Pipeline, Retry, Source, Stage, cpu_bound
+from ._definition import Auto, Database, Pipeline, Retry, Source, Stage, cpu_bound, parse_rate
 from ._exceptions import (
     ConfigError,
     Overloaded,
@@ -65,6 +65,7 @@ __all__ = [
     "cpu_bound",
     "factory",
     "load_config",
+    "parse_rate",
 ]
 
 

@@ -181,7 +181,7 @@ class _StageRun:
         self.note_capacity()
         self.limiter.total = total
         self._capacity_total = total
-        if self.spec.auto is not None:
+        if self.auto is not None:
             self.limit_trace.append((round(time.perf_counter() - self.runner.started, 3), total))
 
     def _spawn(self) -> None:

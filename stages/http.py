@@ -15,6 +15,8 @@ URLs in messages never carry userinfo (``user:password@``).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
@@ -26,12 +28,23 @@ import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiolimiter
 import requests
 import requests.adapters
 from urllib3.util.retry import Retry as _Urllib3Retry
 
-from pipeline import ConfigError, Context, Item, Overloaded, RetryAfter, TransientError, factory
+from pipeline import (
+    ConfigError,
+    Context,
+    Item,
+    Overloaded,
+    RetryAfter,
+    TransientError,
+    factory,
+    parse_rate,
+)
 
 __all__ = ["DEFAULT_USER_AGENT", "DownloadError", "download"]
 
@@ -228,12 +241,95 @@ def _resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-class _GuardedSession(requests.Session):
-    """A session that checks each redirect target before following it (not after the fact)."""
+class _HostRates:
+    """One ``aiolimiter.AsyncLimiter`` per host, on the event loop, waited on from worker threads.
 
-    def __init__(self, check: _HostCheck) -> None:
+    ``wait(url)`` blocks the calling thread until the URL's host may be sent one more request.
+    The limiters live on ``loop`` (created there lazily, one per host name) and are only touched
+    from it. :meth:`close` cancels every wait still pending, so a thread abandoned by a stage
+    timeout or a stop never blocks on a loop that is about to go away.
+
+    Args:
+        loop: The run's event loop.
+        rate: ``"COUNT/UNIT"``, as for a stage's ``rate``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, rate: str) -> None:
+        count, period = parse_rate(rate)
+        # As the engine does for Stage.rate: the rate holds, the burst is capped at 0.1 s worth.
+        burst = max(1.0, count * min(period, 0.1) / period)
+        self._max_rate = burst
+        self._time_period = burst * period / count
+        self._rate = rate
+        self._loop = loop
+        self._limiters: dict[str, aiolimiter.AsyncLimiter] = {}
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[None]] = set()
+        self._closed = False
+
+    async def _acquire(self, host: str) -> None:
+        limiter = self._limiters.get(host)
+        if limiter is None:
+            limiter = self._limiters[host] = aiolimiter.AsyncLimiter(self._max_rate, self._time_period)
+        await limiter.acquire()
+
+    def wait(self, url: str) -> None:
+        """Block until ``url``'s host has room under the rate (call from a worker thread).
+
+        Raises:
+            TransientError: The stage closed before the wait ended.
+        """
+        host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".").lower()
+        coro = self._acquire(host)
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise TransientError(
+                    f"GET {_redact(url)} was not sent: the download stage closed while it waited "
+                    f"for host {host!r}'s rate_per_host ({self._rate})"
+                )
+            try:
+                future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            except RuntimeError:  # the loop is closed
+                coro.close()
+                raise
+            self._pending.add(future)
+        try:
+            future.result()
+        except concurrent.futures.CancelledError:
+            raise TransientError(
+                f"GET {_redact(url)} was not sent: the download stage closed while it waited "
+                f"for host {host!r}'s rate_per_host ({self._rate})"
+            ) from None
+        finally:
+            with self._lock:
+                self._pending.discard(future)
+
+    def close(self) -> None:
+        """Refuse new waits and end the pending ones (their threads raise TransientError)."""
+        with self._lock:
+            self._closed = True
+            pending, self._pending = self._pending, set()
+        for future in pending:
+            future.cancel()
+
+
+class _GuardedSession(requests.Session):
+    """A session that checks each redirect target before following it (not after the fact).
+
+    With ``rates``, every request it sends (the first and each redirect hop) first waits for
+    its host's turn.
+    """
+
+    def __init__(self, check: _HostCheck, rates: _HostRates | None = None) -> None:
         super().__init__()
         self._check = check
+        self._rates = rates
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        if self._rates is not None and request.url is not None:
+            self._rates.wait(request.url)
+        return super().send(request, **kwargs)
 
     def get_redirect_target(self, resp: requests.Response) -> str | None:
         target = super().get_redirect_target(resp)
@@ -293,7 +389,15 @@ def _check_options(
     deny_private: bool,
     max_redirects: int,
     max_retry_after: float,
+    rate_per_host: str | None,
 ) -> None:
+    if rate_per_host is not None:
+        if not isinstance(rate_per_host, str):
+            raise ConfigError(f'download: rate_per_host must be a rate such as "10/s", got {rate_per_host!r}')
+        try:
+            parse_rate(rate_per_host)
+        except ConfigError as exc:
+            raise ConfigError(f"download: rate_per_host: {exc.message}") from None
     if not isinstance(url_field, str) or not url_field:
         raise ConfigError(f"download: url_field must be a non-empty field name, got {url_field!r}")
     for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
@@ -373,6 +477,7 @@ async def download(
     headers: dict[str, str] | None = None,
     user_agent: str = DEFAULT_USER_AGENT,
     trust_env: bool = True,
+    rate_per_host: str | None = None,
 ) -> AsyncIterator[Callable[[Item], Item]]:
     """Download ``item[url_field]``; a blocking stage, run in the engine's thread pool.
 
@@ -410,6 +515,13 @@ async def download(
         user_agent: The ``User-Agent`` header.
         trust_env: Take proxies and ``.netrc`` credentials from the environment, as
             ``requests`` does by default.
+        rate_per_host: At most this many requests per period to any one host, for example
+            ``"10/s"`` (the ``COUNT/UNIT`` of a stage's ``rate``; the burst is capped at 0.1 s
+            worth). A host is the URL's host name, whatever the port: ``localhost`` and
+            ``127.0.0.1`` are two hosts. Every request counts, redirect hops included, each
+            against its own host. The wait happens in the worker thread, holding its slot and
+            counting towards the stage's ``timeout``: a long run of URLs on one host can hold
+            every slot while other hosts wait, so mix hosts in the source's order.
 
     Yields:
         ``fetch(item) -> item``, a plain function.
@@ -427,14 +539,16 @@ async def download(
         deny_private=deny_private,
         max_redirects=max_redirects,
         max_retry_after=max_retry_after,
+        rate_per_host=rate_per_host,
     )
+    rates = None if rate_per_host is None else _HostRates(asyncio.get_running_loop(), rate_per_host)
     check = _HostCheck(allowed_hosts, denied_hosts, deny_private)
     pool_size = ctx.max_concurrency
     request_headers = {"User-Agent": user_agent, **(headers or {})}
     timeout = (connect_timeout, read_timeout)
 
     def make_session() -> requests.Session:
-        session = _GuardedSession(check)
+        session = _GuardedSession(check, rates)
         session.max_redirects = max_redirects
         session.trust_env = trust_env
         session.headers.update(request_headers)
@@ -509,6 +623,8 @@ async def download(
     try:
         yield fetch
     finally:
+        if rates is not None:
+            rates.close()
         sessions.close()
 
 

@@ -23,18 +23,18 @@ import subprocess
 import sys
 import tomllib
 import tracemalloc
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pymysql
 import pytest
+import tomlkit
 from PIL import Image, ImageOps
 
 from pipeline import Database, Pipeline, RunReport, Source, Stage, load_config
 from stages.db import read_rows
 from tests import images
+from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
 from tests.fixtures.httpserver import LoopbackServer
 from tests.fixtures.mariadb import MariaDB
 
@@ -53,37 +53,6 @@ def _stage(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # The config: the shipped one, re-pointed at the test's world and written back as TOML
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def _toml(config: dict[str, Any]) -> str:
-    lines: list[str] = []
-
-    def table(header: str, values: dict[str, Any]) -> None:
-        lines.append(header)
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-        lines.append("")
-
-    table("[pipeline]", config["pipeline"])
-    for name, values in config["databases"].items():
-        table(f"[databases.{name}]", values)
-    table("[source]", config["source"])
-    for stage in config["stages"]:
-        table("[[stages]]", stage)
-    return "\n".join(lines)
 
 
 def write_config(
@@ -115,7 +84,7 @@ def write_config(
     if record_concurrency is not None:
         _stage(config, "record")["concurrency"] = record_concurrency
     path = tmp_path / "config.toml"
-    path.write_text(_toml(config), encoding="utf-8")
+    path.write_text(tomlkit.dumps(config), encoding="utf-8")
     return path
 
 
@@ -133,59 +102,17 @@ def run(config: Path, **kwargs: Any) -> RunReport:
 # The catalog: SQLite or MariaDB
 
 
-@dataclass
-class Backend:
-    """A real catalog database: its DSN for the pipeline, a plain connection for set-up and checks."""
-
-    kind: Literal["sqlite", "mysql"]
-    dsn: str
-    connect: Callable[[], Any]
-    server: MariaDB | None = None
-
-    @contextlib.contextmanager
-    def cursor(self) -> Iterator[Any]:
-        with contextlib.closing(self.connect()) as conn:
-            yield conn.cursor()
-            conn.commit()
-
-    def seed(self, rows: list[tuple[int, str]]) -> None:
-        """Create the ``catalog`` table the shipped query reads, holding ``rows`` of (id, url)."""
-        placeholder = "%s" if self.kind == "mysql" else "?"
-        with self.cursor() as cur:
-            cur.execute("CREATE TABLE catalog (id INTEGER PRIMARY KEY, url VARCHAR(512) NOT NULL)")
-            cur.executemany(f"INSERT INTO catalog (id, url) VALUES ({placeholder}, {placeholder})", rows)
-
-    def results(self) -> dict[str, dict[str, Any]]:
-        """The ``results`` table, by key."""
-        with self.cursor() as cur:
-            cur.execute("SELECT * FROM results")
-            names = [d[0] for d in cur.description]
-            return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
-
-
-def mysql_backend(server: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Backend:
+def mysql_backend(server: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Catalog:
     """The catalog on the private MariaDB server, its password passed as the config says."""
     monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", server.password)  # in the environment, not the DSN
-    return Backend(
-        "mysql",
-        server.dsn(),
-        lambda: pymysql.connect(
-            host=server.host,
-            port=server.port,
-            user=server.user,
-            password=server.password,
-            database=server.database,
-        ),
-        server,
-    )
+    return mysql_catalog(server)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Catalog:
     """The catalog on a fresh SQLite file, then on the private MariaDB server."""
     if request.param == "sqlite":
-        path = tmp_path / "catalog.db"
-        return Backend("sqlite", f"sqlite:///{path}", lambda: sqlite3.connect(path))
+        return sqlite_catalog(tmp_path)
     return mysql_backend(request.getfixturevalue("mysql_db"), monkeypatch)
 
 
@@ -290,7 +217,7 @@ def dead_letters(report: RunReport) -> dict[Any, dict[str, Any]]:
 
 @pytest.mark.usefixtures("isolated_sys_path")
 def test_every_catalog_row_ends_as_documented(
-    backend: Backend, http_server: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    backend: Catalog, http_server: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Good rows get thumbnails and an ok results row; each fault is retried or dead-lettered and recorded."""
     rows = serve_catalog(http_server)
@@ -311,7 +238,7 @@ def test_every_catalog_row_ends_as_documented(
     )
 
     thumbnail = _stage(SHIPPED, "thumbnail")
-    results = backend.results()
+    results = {row["key"]: row for row in backend.result_rows()}
     assert sorted(results) == sorted(str(r.id) for r in rows), "a results row for every catalog row"
     root = tmp_path / "thumbnails"
     for row in good:
@@ -398,12 +325,10 @@ async def test_download_cap_is_what_the_server_sees(
 ) -> None:
     """With the origin holding every request, exactly the download stage's concurrency is in flight."""
     cap = _stage(SHIPPED, "download")["concurrency"]
-    path = tmp_path / "catalog.db"
+    catalog = sqlite_catalog(tmp_path)
     rows = _same_photo_rows(http_server, cap + 24)
-    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute("CREATE TABLE catalog (id INTEGER PRIMARY KEY, url TEXT NOT NULL)")
-        conn.executemany("INSERT INTO catalog VALUES (?, ?)", rows)
-    pipeline = load_config(str(write_config(tmp_path, f"sqlite:///{path}", held_origin=True)))
+    catalog.seed(rows)
+    pipeline = load_config(str(write_config(tmp_path, catalog.dsn, held_origin=True)))
     http_server.hold_all()
     task = asyncio.create_task(pipeline.run_async(run_id=RUN_ID, progress=False))
     try:

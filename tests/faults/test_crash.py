@@ -20,21 +20,19 @@ import pytest
 
 from tests.faults.world import (
     SIZES,
-    Catalog,
     Config,
     Run,
     assert_exactly_once,
     ledger_items,
-    mysql_catalog,
     output_files,
     report,
     run_to_end,
     serve_images,
-    sqlite_catalog,
     temp_files,
     tiny_jpeg,
     wait_until,
 )
+from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
 from tests.fixtures.httpserver import LoopbackServer
 from tests.fixtures.mariadb import MariaDB
 

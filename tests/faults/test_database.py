@@ -16,12 +16,12 @@ from tests.faults.world import (
     Run,
     assert_exactly_once,
     dead_letters,
-    mysql_catalog,
     report,
     run_to_end,
     serve_images,
     tiny_jpeg,
 )
+from tests.fixtures.catalog import mysql_catalog
 from tests.fixtures.httpserver import LoopbackServer
 from tests.fixtures.mariadb import MariaDB
 

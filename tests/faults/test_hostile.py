@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.broken_images import Case, broken_image_cases
-from tests.faults.world import SIZES, Config, dead_letters, output_files, report, run_to_end, sqlite_catalog
+from tests.faults.world import (
+    SIZES,
+    Config,
+    dead_letters,
+    output_files,
+    report,
+    run_to_end,
+)
+from tests.fixtures.catalog import sqlite_catalog
 from tests.fixtures.httpserver import LoopbackServer
 
 RUN_ID = "night-1"

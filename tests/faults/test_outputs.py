@@ -14,10 +14,10 @@ from tests.faults.world import (
     report,
     run_to_end,
     serve_images,
-    sqlite_catalog,
     tiny_jpeg,
     wait_until,
 )
+from tests.fixtures.catalog import sqlite_catalog
 from tests.fixtures.httpserver import LoopbackServer
 
 RUN_ID = "night-1"

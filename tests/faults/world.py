@@ -24,16 +24,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pymysql
+import tomlkit
 
 from tests import images
+from tests.fixtures.catalog import Catalog
 from tests.fixtures.httpserver import LoopbackServer
-from tests.fixtures.mariadb import MariaDB
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = (32, 16)
@@ -56,62 +56,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLI
 
 
 # --------------------------------------------------------------------------------------------
-# The catalog
-
-
-@dataclass
-class Catalog:
-    """The catalog database: its DSN for the pipeline, a plain connection for set-up and checks."""
-
-    kind: Literal["sqlite", "mysql"]
-    dsn: str
-    connect: Callable[[], Any]
-    server: MariaDB | None = None
-
-    @contextlib.contextmanager
-    def cursor(self) -> Iterator[Any]:
-        with contextlib.closing(self.connect()) as conn:
-            yield conn.cursor()
-            conn.commit()
-
-    def seed(self, rows: Sequence[tuple[int, str | None]], *, nullable: bool = False) -> None:
-        """Create ``catalog (id, url)`` holding ``rows``."""
-        mark = "%s" if self.kind == "mysql" else "?"
-        null = "NULL" if nullable else "NOT NULL"
-        with self.cursor() as cur:
-            cur.execute(f"CREATE TABLE catalog (id INTEGER PRIMARY KEY, url VARCHAR(512) {null})")
-            cur.executemany(f"INSERT INTO catalog (id, url) VALUES ({mark}, {mark})", rows)
-
-    def results(self) -> list[tuple[str, str, str]]:
-        """Every ``results`` row as ``(key, status, outputs)``, duplicates included."""
-        with self.cursor() as cur:
-            cur.execute(
-                "SELECT `key`, status, outputs FROM results"
-                if self.kind == "mysql"
-                else 'SELECT "key", status, outputs FROM results'
-            )
-            return [(str(k), str(s), str(o)) for k, s, o in cur.fetchall()]
-
-
-def sqlite_catalog(tmp_path: Path) -> Catalog:
-    path = tmp_path / "catalog.db"
-    return Catalog("sqlite", f"sqlite:///{path}", lambda: sqlite3.connect(path))
-
-
-def mysql_catalog(server: MariaDB) -> Catalog:
-    """The catalog on the private server; the pipeline gets the password from the environment."""
-    return Catalog(
-        "mysql",
-        server.dsn(),
-        lambda: pymysql.connect(
-            host=server.host,
-            port=server.port,
-            user=server.user,
-            password=server.password,
-            database=server.database,
-        ),
-        server,
-    )
+# The images
 
 
 @functools.cache
@@ -128,20 +73,6 @@ def serve_images(server: LoopbackServer, count: int) -> list[tuple[int, str]]:
 
 # --------------------------------------------------------------------------------------------
 # The config
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML for {value!r}")
 
 
 @dataclass
@@ -178,96 +109,70 @@ class Config:
         return self.tmp_path / "config.toml"
 
     def write(self) -> Path:
-        tables: list[tuple[str, dict[str, Any]]] = [
-            (
-                "[pipeline]",
-                {
-                    "name": "faults",
-                    "queue_size": 4,
-                    "grace_period": 10.0,
-                    "max_failures": 1000,
-                    "report_dir": str(self.report_dir),
-                    "progress_interval": 60.0,
-                    **self.pipeline,
-                },
-            ),
-            ("[databases.catalog]", {"dsn": self.dsn, "concurrency": 2, **self.databases}),
-            (
-                "[source]",
-                {
-                    "use": "stages.db:read_rows",
-                    "database": "catalog",
-                    "query": "SELECT id, url FROM catalog",
-                    "key_column": "id",
-                    "chunk_size": 10,
-                    "key": "id",
-                    **self.source,
-                },
-            ),
-            (
-                "[[stages]]",
-                {
-                    "name": "download",
-                    "use": "stages.http:download",
-                    "concurrency": 4,
-                    "connect_timeout": 5.0,
-                    "read_timeout": 20.0,
-                    "retry": {"attempts": 2, "backoff": 0.01, "max_backoff": 0.02, "jitter": 0.0},
-                    **self.download,
-                },
-            ),
-            *(("[[stages]]", stage) for stage in self.extra_stages),
-            (
-                "[[stages]]",
-                {
-                    "name": "thumbnail",
-                    "use": "stages.image:thumbnail",
-                    "concurrency": 2,
-                    "sizes": list(SIZES),
-                    "format": "PNG",
-                    "retry": {"attempts": 1},
-                    **self.thumbnail,
-                },
-            ),
-            (
-                "[[stages]]",
-                {
-                    "name": "write",
-                    "use": "stages.files:write",
-                    "root": str(self.root),
-                    "layout": "nested",
-                    "concurrency": 2,
-                    "retry": {"attempts": 1},
-                    **self.write_,
-                },
-            ),
-            (
-                "[[stages]]",
-                {
-                    "name": "record",
-                    "use": "stages.db:write_results",
-                    "database": "catalog",
-                    "table": "results",
-                    "concurrency": 2,
-                    "retry": {"attempts": 40, "backoff": 0.05, "max_backoff": 0.5, "jitter": 0.0},
-                    **self.record,
-                },
-            ),
+        """Write the config as TOML to :attr:`path`; returns it."""
+        nightly = [
+            {
+                "name": "download",
+                "use": "stages.http:download",
+                "concurrency": 4,
+                "connect_timeout": 5.0,
+                "read_timeout": 20.0,
+                "retry": {"attempts": 2, "backoff": 0.01, "max_backoff": 0.02, "jitter": 0.0},
+                **self.download,
+            },
+            *self.extra_stages,
+            {
+                "name": "thumbnail",
+                "use": "stages.image:thumbnail",
+                "concurrency": 2,
+                "sizes": list(SIZES),
+                "format": "PNG",
+                "retry": {"attempts": 1},
+                **self.thumbnail,
+            },
+            {
+                "name": "write",
+                "use": "stages.files:write",
+                "root": str(self.root),
+                "layout": "nested",
+                "concurrency": 2,
+                "retry": {"attempts": 1},
+                **self.write_,
+            },
+            {
+                "name": "record",
+                "use": "stages.db:write_results",
+                "database": "catalog",
+                "table": "results",
+                "concurrency": 2,
+                "retry": {"attempts": 40, "backoff": 0.05, "max_backoff": 0.5, "jitter": 0.0},
+                **self.record,
+            },
         ]
-        if self.stages is not None:
-            tables = [*tables[:3], *(("[[stages]]", stage) for stage in self.stages)]
-        write_toml(self.path, tables)
+        config = {
+            "pipeline": {
+                "name": "faults",
+                "queue_size": 4,
+                "grace_period": 10.0,
+                "max_failures": 1000,
+                "report_dir": str(self.report_dir),
+                "progress_interval": 60.0,
+                **self.pipeline,
+            },
+            "databases": {"catalog": {"dsn": self.dsn, "concurrency": 2, **self.databases}},
+            "source": {
+                "use": "stages.db:read_rows",
+                "database": "catalog",
+                "query": "SELECT id, url FROM catalog",
+                "key_column": "id",
+                "chunk_size": 10,
+                "key": "id",
+                **self.source,
+            },
+            "stages": nightly if self.stages is None else self.stages,
+        }
+        self.path.write_text(tomlkit.dumps(config), encoding="utf-8")
         return self.path
-
-
-def write_toml(path: Path, tables: list[tuple[str, dict[str, Any]]]) -> None:
-    """Write ``(header, values)`` tables as TOML."""
-    lines: list[str] = []
-    for header, values in tables:
-        lines.append(header)
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------

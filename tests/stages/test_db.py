@@ -16,8 +16,7 @@ import socket
 import sqlite3
 import traceback
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +49,7 @@ from stages.db import (
     shared_database,
     write_results,
 )
+from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
 from tests.fixtures.mariadb import MariaDB
 
 WRONG_PASSWORD = "wrong-pw-SECRET-123"
@@ -61,68 +61,25 @@ CATALOG_DDL = "CREATE TABLE catalog (id INTEGER PRIMARY KEY, url VARCHAR(255) NO
 # Fixtures
 
 
-@dataclass
-class Backend:
-    """One real database: its DSN for the stages and a plain sync connection for set-up and checks."""
-
-    kind: Literal["sqlite", "mysql"]
-    dsn: str
-    _connect: Callable[[], Any]
-    server: MariaDB | None = None
-
-    @contextlib.contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        conn = self._connect()
-        try:
-            cur = conn.cursor()
-            yield cur
-            conn.commit()
-        finally:
-            conn.close()
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.kind == "mysql" else sql
-
-    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run one statement (``?`` placeholders) and return its rows."""
-        with self._cursor() as cur:
-            cur.execute(self._sql(sql), tuple(params))
-            return list(cur.fetchall())
-
-    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run one statement once per row."""
-        with self._cursor() as cur:
-            cur.executemany(self._sql(sql), [tuple(r) for r in rows])
-
-    def seed_catalog(self, ids: Sequence[int]) -> None:
-        """Create ``catalog`` with one row per id, inserted in the given order."""
-        self.run(CATALOG_DDL)
-        self.run_many(
-            "INSERT INTO catalog (id, url, name) VALUES (?, ?, ?)",
-            [(i, f"https://img.example/{i}.jpg", f"image {i}") for i in ids],
-        )
+def seed_catalog(backend: Catalog, ids: Sequence[int]) -> None:
+    """Create ``catalog`` with one row per id, inserted in the given order."""
+    backend.run(CATALOG_DDL)
+    backend.run_many(
+        "INSERT INTO catalog (id, url, name) VALUES (?, ?, ?)",
+        [(i, f"https://img.example/{i}.jpg", f"image {i}") for i in ids],
+    )
 
 
-def _sqlite_backend(path: Path) -> Backend:
-    return Backend("sqlite", f"sqlite:///{path}", lambda: sqlite3.connect(path))
+def _sqlite_backend(path: Path) -> Catalog:
+    return sqlite_catalog(path.parent, path.name)
 
 
-def _mysql_backend(server: MariaDB) -> Backend:
-    def connect() -> Any:
-        return pymysql.connect(
-            host=server.host,
-            port=server.port,
-            user=server.user,
-            password=server.password,
-            database=server.database,
-            autocommit=True,
-        )
-
-    return Backend("mysql", server.dsn(), connect, server)
+def _mysql_backend(server: MariaDB) -> Catalog:
+    return mysql_catalog(server, autocommit=True)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Catalog:
     """A fresh database of each kind; MariaDB gets its password from the environment."""
     if request.param == "sqlite":
         return _sqlite_backend(tmp_path / "catalog.db")
@@ -132,7 +89,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.fixture
-def mysql_backend(mysql_db: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Backend:
+def mysql_backend(mysql_db: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Catalog:
     """The MariaDB backend alone, for server-side checks."""
     monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", mysql_db.password)
     return _mysql_backend(mysql_db)
@@ -185,7 +142,7 @@ def _free_port() -> int:
         return port
 
 
-def _admin(backend: Backend) -> Any:
+def _admin(backend: Catalog) -> Any:
     assert backend.server is not None
     return backend.server.admin()
 
@@ -257,12 +214,12 @@ async def test_driver_errors_are_classified_as_transient_or_permanent(
 
 
 async def test_read_rows_yields_every_row_once_in_key_order_across_chunks(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """2503 rows inserted in random order come out once each, in key order, 100 per chunk."""
     ids = list(range(1, 2504))
     random.Random(7).shuffle(ids)
-    backend.seed_catalog(ids)
+    seed_catalog(backend, ids)
     harness.add(backend.dsn)
     rows = await _collect(harness.ctx("source"), query="SELECT id, url FROM catalog", chunk_size=100)
     assert [row["id"] for row in rows] == list(range(1, 2504))
@@ -270,20 +227,20 @@ async def test_read_rows_yields_every_row_once_in_key_order_across_chunks(
 
 
 async def test_read_rows_stops_cleanly_when_the_last_chunk_is_exactly_full(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """A row count that is a multiple of chunk_size ends after one empty chunk, with no row twice."""
-    backend.seed_catalog(range(1, 201))
+    seed_catalog(backend, range(1, 201))
     harness.add(backend.dsn)
     rows = await _collect(harness.ctx("source"), query="SELECT * FROM catalog", chunk_size=100)
     assert [row["id"] for row in rows] == list(range(1, 201))
 
 
 async def test_read_rows_keeps_percent_signs_and_literal_question_marks(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """A query with % in a LIKE and a '?' literal runs unchanged (no placeholder confusion)."""
-    backend.seed_catalog(range(1, 40))
+    seed_catalog(backend, range(1, 40))
     harness.add(backend.dsn)
     query = "SELECT id, name FROM catalog WHERE url LIKE '%/1%' AND name <> '?' -- any?"
     rows = await _collect(harness.ctx("source"), query=query, chunk_size=4)
@@ -291,10 +248,10 @@ async def test_read_rows_keeps_percent_signs_and_literal_question_marks(
 
 
 async def test_read_rows_holds_the_limiter_only_while_fetching_a_chunk(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """Between chunks the database's limiter is free, so a slow consumer blocks no other stage."""
-    backend.seed_catalog(range(1, 26))
+    seed_catalog(backend, range(1, 26))
     handle = harness.add(backend.dsn, concurrency=1)
     async with read_rows(
         harness.ctx("source"), database="catalog", query="SELECT * FROM catalog", chunk_size=10
@@ -317,7 +274,7 @@ async def test_read_rows_opens_a_relative_sqlite_path_from_the_working_directory
     harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """sqlite:///rel.db names rel.db in the current directory."""
-    _sqlite_backend(tmp_path / "rel.db").seed_catalog([3, 1, 2])
+    seed_catalog(_sqlite_backend(tmp_path / "rel.db"), [3, 1, 2])
     monkeypatch.chdir(tmp_path)
     harness.add("sqlite:///rel.db")
     rows = await _collect(harness.ctx("source"), query="SELECT id FROM catalog")
@@ -327,7 +284,7 @@ async def test_read_rows_opens_a_relative_sqlite_path_from_the_working_directory
 def test_sqlite_chunk_query_seeks_by_primary_key(tmp_path: Path) -> None:
     """SQLite plans the next-chunk query as an index seek, so chunk N costs the same as chunk 1."""
     backend = _sqlite_backend(tmp_path / "plan.db")
-    backend.seed_catalog(range(1, 100))
+    seed_catalog(backend, range(1, 100))
     _, following = _keyset_queries("sqlite", "SELECT id, url FROM catalog", "id")
     plan = " ".join(str(row[-1]) for row in backend.run("EXPLAIN QUERY PLAN " + following, (5, 10)))
     assert "PRIMARY KEY" in plan, plan
@@ -335,12 +292,12 @@ def test_sqlite_chunk_query_seeks_by_primary_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.mysql
-def test_mysql_chunk_query_seeks_by_primary_key(mysql_backend: Backend) -> None:
+def test_mysql_chunk_query_seeks_by_primary_key(mysql_backend: Catalog) -> None:
     """MariaDB merges the wrapped query and reads a PRIMARY range, not the whole table."""
-    mysql_backend.seed_catalog(range(1, 2000))
+    seed_catalog(mysql_backend, range(1, 2000))
     _, following = _keyset_queries("mysql", "SELECT id, url FROM catalog", "id")
     text, _ = _translate_sql(following, "mysql")
-    with contextlib.closing(mysql_backend._connect()) as conn, conn.cursor(pymysql.cursors.DictCursor) as cur:
+    with contextlib.closing(mysql_backend.connect()) as conn, conn.cursor(pymysql.cursors.DictCursor) as cur:
         cur.execute("EXPLAIN " + text, (1500, 100))
         plan = cur.fetchall()
     assert [(row["type"], row["key"]) for row in plan] == [("range", "PRIMARY")], plan
@@ -350,7 +307,7 @@ async def test_read_rows_streams_100k_rows_in_bounded_memory(harness: Harness, t
     """Streaming 100k SQLite rows at 1000 per chunk peaks far below holding all the rows."""
     path = tmp_path / "big.db"
     backend = _sqlite_backend(path)
-    backend.seed_catalog(range(1, 100_001))
+    seed_catalog(backend, range(1, 100_001))
     harness.add(f"sqlite:///{path}")
 
     tracemalloc.start()
@@ -380,9 +337,9 @@ async def test_read_rows_streams_100k_rows_in_bounded_memory(harness: Harness, t
 # lookup
 
 
-async def test_lookup_adds_the_first_rows_columns_to_the_item(backend: Backend, harness: Harness) -> None:
+async def test_lookup_adds_the_first_rows_columns_to_the_item(backend: Catalog, harness: Harness) -> None:
     """The matching row's columns are added to the item, other fields kept."""
-    backend.seed_catalog([1, 2, 3])
+    seed_catalog(backend, [1, 2, 3])
     harness.add(backend.dsn)
     async with lookup(
         harness.ctx(), database="catalog", query="SELECT url, name FROM catalog WHERE id = ?", params=["ref"]
@@ -393,10 +350,10 @@ async def test_lookup_adds_the_first_rows_columns_to_the_item(backend: Backend, 
 
 @pytest.mark.parametrize("missing", ["fail", "skip", "keep"])
 async def test_lookup_without_a_row_follows_the_missing_policy(
-    backend: Backend, harness: Harness, missing: Literal["fail", "skip", "keep"]
+    backend: Catalog, harness: Harness, missing: Literal["fail", "skip", "keep"]
 ) -> None:
     """No row: 'fail' raises RowNotFoundError, 'skip' raises Skip, 'keep' returns the item as is."""
-    backend.seed_catalog([1])
+    seed_catalog(backend, [1])
     harness.add(backend.dsn)
     query = "SELECT url FROM catalog WHERE id = ?"
     async with lookup(harness.ctx(), database="catalog", query=query, params=["id"], missing=missing) as fn:
@@ -421,10 +378,10 @@ async def test_lookup_refuses_params_that_do_not_match_the_placeholders(
 
 
 async def test_lookup_with_bad_sql_fails_permanently_and_the_pool_recovers(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """A query on a missing table raises DatabaseError naming the database; later calls still work."""
-    backend.seed_catalog([1])
+    seed_catalog(backend, [1])
     harness.add(backend.dsn, concurrency=1)
     ctx = harness.ctx()
     async with lookup(
@@ -443,7 +400,7 @@ async def test_lookup_with_bad_sql_fails_permanently_and_the_pool_recovers(
 # write_results
 
 
-async def test_write_results_upserts_one_row_per_key(backend: Backend, harness: Harness) -> None:
+async def test_write_results_upserts_one_row_per_key(backend: Catalog, harness: Harness) -> None:
     """Writing the same key twice leaves one row holding the second write's values."""
     harness.add(backend.dsn)
     item = {"id": 7, "outputs": ["a/7.webp"], "width": 10, "height": 20, "bytes": 300, "sha256": "ab" * 32}
@@ -470,14 +427,14 @@ async def test_write_results_upserts_one_row_per_key(backend: Backend, harness: 
     )
 
 
-def _result_rows(backend: Backend) -> dict[str, tuple[Any, ...]]:
+def _result_rows(backend: Catalog) -> dict[str, tuple[Any, ...]]:
     """``results`` by key: (status, outputs, width, height, error)."""
     key = "`key`" if backend.kind == "mysql" else '"key"'
     rows = backend.run(f"SELECT {key}, status, outputs, width, height, error FROM results")
     return {row[0]: tuple(row[1:]) for row in rows}
 
 
-async def test_write_results_records_an_item_that_failed_upstream(backend: Backend, harness: Harness) -> None:
+async def test_write_results_records_an_item_that_failed_upstream(backend: Catalog, harness: Harness) -> None:
     """A diverted failed item gets status 'failed', the error prefixed with its stage, NULL outputs."""
     harness.add(backend.dsn)
     diverted = {
@@ -501,7 +458,7 @@ async def test_write_results_records_an_item_that_failed_upstream(backend: Backe
 
 
 async def test_write_results_records_a_skipped_item_with_its_reason(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """A diverted skipped item gets status 'skipped' and the skip's reason; without a reason, NULL."""
     harness.add(backend.dsn)
@@ -515,7 +472,7 @@ async def test_write_results_records_a_skipped_item_with_its_reason(
 
 
 async def test_write_results_failed_night_replaces_a_previous_ok_row(
-    backend: Backend, harness: Harness
+    backend: Catalog, harness: Harness
 ) -> None:
     """The row is tonight's outcome: a failure after an ok night reads 'failed' with no outputs."""
     harness.add(backend.dsn)
@@ -619,7 +576,7 @@ async def test_sqlite_database_is_switched_to_wal(harness: Harness, tmp_path: Pa
     assert _sqlite_backend(path).run("PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_execute_script_runs_every_statement(backend: Backend) -> None:
+async def test_execute_script_runs_every_statement(backend: Catalog) -> None:
     """execute_script runs a multi-statement script, for seeding demo data."""
     await execute_script(
         backend.dsn,
@@ -644,9 +601,9 @@ async def test_stages_share_one_database_and_limiter(harness: Harness, tmp_path:
 
 
 @pytest.mark.mysql
-async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Backend, harness: Harness) -> None:
+async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Catalog, harness: Harness) -> None:
     """50 concurrent lookups and writes at concurrency 3 use at most 3 server connections."""
-    mysql_backend.seed_catalog(range(1, 51))
+    seed_catalog(mysql_backend, range(1, 51))
     handle = harness.add(mysql_backend.dsn, concurrency=3)
     with _admin(mysql_backend) as admin:
         with admin.cursor() as cur:
@@ -671,10 +628,10 @@ async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Backend
 
 @pytest.mark.mysql
 async def test_mysql_pool_caps_connections_when_the_limiter_grows(
-    mysql_backend: Backend, harness: Harness
+    mysql_backend: Catalog, harness: Harness
 ) -> None:
     """Raising the limiter after the pool opened does not raise the server connection count, nor hang."""
-    mysql_backend.seed_catalog(range(1, 51))
+    seed_catalog(mysql_backend, range(1, 51))
     handle = harness.add(mysql_backend.dsn, concurrency=2)
     with _admin(mysql_backend) as admin:
         with admin.cursor() as cur:
@@ -742,7 +699,7 @@ async def test_refused_connection_is_transient(harness: Harness) -> None:
 
 @pytest.mark.mysql
 async def test_mysql_cancelled_query_does_not_poison_the_next_one(
-    mysql_backend: Backend, harness: Harness
+    mysql_backend: Catalog, harness: Harness
 ) -> None:
     """A lookup cancelled mid-query drops its connection, so the next lookup reads its own answer."""
     harness.add(mysql_backend.dsn, concurrency=1)

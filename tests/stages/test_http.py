@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import email.utils
@@ -20,7 +21,17 @@ import requests
 import requests.adapters
 
 import stages.http
-from pipeline import CapacityLimiter, ConfigError, Context, Item, Retry, RetryAfter, Stage, TransientError
+from pipeline import (
+    CapacityLimiter,
+    ConfigError,
+    Context,
+    Item,
+    Retry,
+    RetryAfter,
+    Stage,
+    StageTimeout,
+    TransientError,
+)
 from pipeline._contract import SharedResources
 from pipeline.testing import run_stages_async
 from stages.http import (
@@ -31,7 +42,7 @@ from stages.http import (
     _retry_after_seconds,
     download,
 )
-from tests.fixtures.httpserver import LoopbackServer
+from tests.fixtures.httpserver import LoopbackServer, Route
 
 Fetch = Callable[[Item], Item]
 OpenDownload = Callable[..., Awaitable[Fetch]]
@@ -614,6 +625,9 @@ async def test_missing_or_non_string_url_fails_for_good(open_download: OpenDownl
         ({"denied_hosts": [""]}, "denied_hosts must hold host names"),
         ({"denied_hosts": "localhost"}, "denied_hosts must be a list of host names"),
         ({"deny_private": "yes"}, "deny_private must be true or false"),
+        ({"rate_per_host": "fast"}, "rate_per_host: rate 'fast' is not of the form"),
+        ({"rate_per_host": "0/s"}, "rate_per_host: rate '0/s' must be a positive count"),
+        ({"rate_per_host": 10}, "rate_per_host must be a rate such as"),
     ],
 )
 async def test_bad_options_are_refused(
@@ -747,3 +761,96 @@ async def test_engine_retries_transient_answers_and_dead_letters_permanent_ones(
         (3, "download", "stages.http.DownloadError", 1)
     ]
     assert "answered 404 Not Found" in run.dead_letters[0]["message"]
+
+
+# -- rate_per_host ------------------------------------------------------------------------
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most of ``times`` that fall within any one second (window closed at both ends)."""
+    times = sorted(times)
+    return max(bisect.bisect_right(times, t + 1.0) - i for i, t in enumerate(times))
+
+
+async def test_rate_per_host_paces_each_host_on_its_own(http_server: LoopbackServer) -> None:
+    """rate_per_host="20/s" holds each host to 20/s (burst 2) while two hosts together go past it."""
+    per_host = 36  # at 20/s after a burst of 2: about 1.7 s per host, both hosts at once
+    http_server.add("/p", b"x")
+    hosts = {"a": f"http://127.0.0.1:{http_server.port}", "b": f"http://localhost:{http_server.port}"}
+    items = [
+        {"id": f"{name}{n}", "url": f"{base}/p?{name}{n}"}
+        for n in range(per_host)
+        for name, base in hosts.items()
+    ]
+    stage = Stage(
+        download,
+        name="download",
+        concurrency=8,
+        retry=Retry(attempts=1),
+        options={"trust_env": False, "rate_per_host": "20/s"},
+    )
+
+    async with asyncio.timeout(30):
+        run = await run_stages_async(items, stage, queue_size=16)
+
+    assert len(run.outputs) == len(items)
+    assert not run.dead_letters
+    seen = http_server.requests
+    by_host = {name: [r.at for r in seen if r.path.startswith(f"/p?{name}")] for name in hosts}
+    assert {name: len(times) for name, times in by_host.items()} == {"a": per_host, "b": per_host}
+    # The limiter lets out burst + rate x window: 2 + 20 a second. A request arriving up to 0.1 s
+    # after its release widens the window by that much: 2 more.
+    most = 20 + 2 + 2
+    assert busiest_second(by_host["a"]) <= most
+    assert busiest_second(by_host["b"]) <= most
+    assert busiest_second([r.at for r in seen]) > most
+
+
+TIMED_OUT = f"{StageTimeout.__module__}.{StageTimeout.__qualname__}"
+"""The ``error_type`` of a dead letter for an attempt that ran past the stage's timeout."""
+
+
+def abandoned_call_stage(rate: str) -> Stage:
+    """A download stage whose attempts time out after 0.3 s and are not retried."""
+    return Stage(
+        download,
+        name="download",
+        timeout=0.3,
+        retry=Retry(attempts=1),
+        options={"trust_env": False, "rate_per_host": rate},
+    )
+
+
+async def test_rate_wait_abandoned_by_a_timeout_ends_with_the_stage(http_server: LoopbackServer) -> None:
+    """A thread still waiting for its host's turn when the run ends is released, not left behind."""
+    first = http_server.add("/first", b"x")
+    second = http_server.add("/second", b"x")
+    items = [{"id": 1, "url": first}, {"id": 2, "url": second}]
+
+    # 1/min: the first request goes at once, the second would wait a minute.
+    async with asyncio.timeout(10):  # less than the grace period an unreleased thread is given
+        run = await run_stages_async(items, abandoned_call_stage("1/min"))
+
+    assert [item["id"] for item in run.outputs] == [1]
+    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(2, TIMED_OUT)]
+    assert run.report.abandoned_threads == 0
+    assert http_server.hits("/second") == 0
+
+
+async def test_redirect_hop_waits_for_its_own_host(http_server: LoopbackServer) -> None:
+    """A redirect to another host counts against that host's rate, not the first URL's."""
+    port = http_server.port
+    http_server.add("/taken", b"x")
+    http_server.add("/target", b"x")
+    http_server.route("/hop", Route(status=302, location=f"http://localhost:{port}/target"))
+    items = [
+        {"id": 1, "url": f"http://localhost:{port}/taken"},  # uses localhost's one request a minute
+        {"id": 2, "url": f"http://127.0.0.1:{port}/hop"},  # 127.0.0.1 is free; its hop is not
+    ]
+
+    async with asyncio.timeout(10):
+        run = await run_stages_async(items, abandoned_call_stage("1/min"))
+
+    assert [item["id"] for item in run.outputs] == [1]
+    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(2, TIMED_OUT)]
+    assert (http_server.hits("/hop"), http_server.hits("/target")) == (1, 0)
