@@ -456,7 +456,8 @@ class Pipeline:
         """Run the pipeline on the running event loop and return its report.
 
         Args:
-            run_id: The run's id; defaults to the pipeline's name and the start time.
+            run_id: The run's id; defaults to the pipeline's name and today's date, so a rerun
+                the same day resumes it (see the ledger).
             limit: Read at most this many items from the source.
             report_path: Also write the report JSON here.
             progress: Show live progress; ``None`` shows it when stderr is a terminal.
