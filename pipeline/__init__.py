@@ -7,6 +7,7 @@ The layers, bottom up (each imports only those below it)::
     _contract     the stage contract: Item, StageFunction, Context, @factory
     _definition   Pipeline, Source, Stage, Retry, Database: the pipeline as data, checked on creation
     _report       statistics, RunReport, dead letters
+    _ledger       RunLedger, the ledger contract, and the default SQLite ledger
     _runner       the run: bounded queues, worker pools under caps, retries, graceful stop
     _config       config.toml -> Pipeline (tomllib + pydantic)
     _progress     live progress and the summary table (rich)
@@ -18,7 +19,7 @@ written against the same contract as yours.
 """
 
 from ._contract import Context, DatabaseHandle, Item, StageFunction, factory
-from ._definition import Auto, Database, Pipeline, Retry, Source, Stage, cpu_bound, parse_rate
+from ._definition import Auto, Database, LedgerStore, Pipeline, Retry, Source, Stage, cpu_bound, parse_rate
 from ._exceptions import (
     ConfigError,
     Overloaded,
@@ -32,6 +33,7 @@ from ._exceptions import (
     StageTimeout,
     TransientError,
 )
+from ._ledger import RunLedger, encode_key
 from ._limiter import CapacityLimiter, LimiterStatistics
 from ._report import ItemCounts, RunReport, StageReport
 
@@ -44,6 +46,7 @@ __all__ = [
     "DatabaseHandle",
     "Item",
     "ItemCounts",
+    "LedgerStore",
     "LimiterStatistics",
     "Pipeline",
     "Overloaded",
@@ -51,6 +54,7 @@ __all__ = [
     "ResourceError",
     "Retry",
     "RetryAfter",
+    "RunLedger",
     "RunReport",
     "Skip",
     "Source",
@@ -63,6 +67,7 @@ __all__ = [
     "StageTimeout",
     "TransientError",
     "cpu_bound",
+    "encode_key",
     "factory",
     "load_config",
     "parse_rate",

@@ -3,7 +3,7 @@
 Every problem becomes one :class:`~pipeline.ConfigError` naming the file, the table and key,
 the bad value and the fix, before anything runs. The shape::
 
-    [pipeline]                 name, queue_size, grace_period, max_failures, report_dir, ...
+    [pipeline]                 name, queue_size, grace_period, max_failures, report_dir, ledger, ...
     [databases.<name>]         dsn, concurrency (the one cap shared by every stage using it)
     [source]                   use = "module:callable", key, then the source's own options
     [[stages]]                 use, name, concurrency, queue_size, timeout, retry, kind,
@@ -28,12 +28,17 @@ from pydantic import (
     field_validator,
 )
 
-from ._definition import Auto, Database, Pipeline, Retry, Source, Stage
+from ._definition import Auto, Database, LedgerStore, Pipeline, Retry, Source, Stage
 from ._exceptions import ConfigError
 
 __all__ = ["load_config"]
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class _LedgerTable(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    use: str
 
 
 class _PipelineTable(BaseModel):
@@ -44,8 +49,24 @@ class _PipelineTable(BaseModel):
     max_failures: int = Field(0, ge=0)
     report_dir: str = "runs"
     progress_interval: float = Field(10.0, gt=0)
-    ledger: str | bool = True
+    ledger: str | bool | _LedgerTable = True
     circuit_breaker: int = Field(0, ge=0)
+
+    @field_validator("ledger", mode="wrap")
+    @classmethod
+    def _one_ledger_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, dict):
+            try:
+                return _LedgerTable.model_validate(value)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(f"ledger.{_location(err['loc'])} {_explain(err)}") from None
+        if isinstance(value, str | bool):
+            return handler(value)
+        raise ValueError(
+            'must be true, false, a path such as "runs/ledger.sqlite", or a table such as '
+            f'{{ use = "stages.db:mysql_ledger", database = "catalog" }}; got {value!r}'
+        )
 
 
 class _DatabaseTable(BaseModel):
@@ -297,6 +318,15 @@ def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
             raise _with_location(exc, file, where) from None
 
     p = cfg.pipeline
+    ledger: Path | bool | LedgerStore
+    if isinstance(p.ledger, _LedgerTable):
+        ledger_fn = _callable(p.ledger.use, file=file, location="pipeline.ledger.use")
+        try:
+            ledger = LedgerStore(ledger_fn, options=dict(p.ledger.model_extra or {}))
+        except ConfigError as exc:
+            raise _with_location(exc, file, "pipeline.ledger") from None
+    else:
+        ledger = Path(p.ledger) if isinstance(p.ledger, str) else p.ledger
     try:
         return Pipeline(
             source=source,
@@ -308,7 +338,7 @@ def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
             max_failures=p.max_failures,
             report_dir=Path(p.report_dir),
             progress_interval=p.progress_interval,
-            ledger=Path(p.ledger) if isinstance(p.ledger, str) else p.ledger,
+            ledger=ledger,
             circuit_breaker=p.circuit_breaker,
         )
     except ConfigError as exc:

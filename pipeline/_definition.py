@@ -20,7 +20,17 @@ from ._exceptions import ConfigError, TransientError
 if TYPE_CHECKING:
     from ._report import RunReport
 
-__all__ = ["Auto", "Database", "Pipeline", "Retry", "Source", "Stage", "cpu_bound", "parse_rate"]
+__all__ = [
+    "Auto",
+    "Database",
+    "LedgerStore",
+    "Pipeline",
+    "Retry",
+    "Source",
+    "Stage",
+    "cpu_bound",
+    "parse_rate",
+]
 
 _DEFAULT_AUTO_MAX_IO = 64
 
@@ -379,6 +389,34 @@ class Stage:
             )
 
 
+@dataclass(frozen=True)
+class LedgerStore:
+    """A pluggable ledger (TOML ``[pipeline] ledger = { use = "module:factory", ... }``).
+
+    ``fn(ctx, **options)`` is a :func:`~pipeline.factory` whose context manager yields a
+    :class:`~pipeline.RunLedger` for ``ctx.pipeline`` and ``ctx.run_id`` (``ctx.stage`` is
+    ``"ledger"``). Like a stage's factory it may use ``ctx.database(name)`` and
+    ``ctx.shared(...)``; the engine closes it, and the shared resources, after the run's last
+    ledger write.
+
+    Attributes:
+        fn: The factory, for example ``stages.db.mysql_ledger``.
+        options: Its keyword options, checked against its signature.
+    """
+
+    fn: Callable[..., Any]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not is_factory(self.fn):
+            raise ConfigError(
+                f"{_describe(self.fn)} is not a @pipeline.factory; a ledger's use must name a factory "
+                "yielding a RunLedger, such as stages.db:mysql_ledger",
+                location="use",
+            )
+        object.__setattr__(self, "options", validate_options(self.fn, self.options, skip_first=True))
+
+
 _STAGE_KEYS = ("use", *(f.name for f in dataclasses.fields(Stage) if f.name not in ("fn", "options")))
 
 
@@ -398,7 +436,8 @@ class Pipeline:
             ``None`` writes nothing unless a path is given to :meth:`run`.
         progress_interval: Seconds between progress log lines when not on a terminal.
         ledger: Where each item's state is recorded, so a rerun of the same run id resumes:
-            ``True`` for ``<report_dir>/ledger.sqlite``, a path, or ``False`` for none.
+            ``True`` for ``<report_dir>/ledger.sqlite``, a path, a :class:`LedgerStore`
+            (for example a MySQL table shared by several workers), or ``False`` for none.
         circuit_breaker: Stop the run when one stage fails this many items in a row with the
             same error (a database down, a full disk); ``0`` turns it off.
     """
@@ -412,7 +451,7 @@ class Pipeline:
     max_failures: int = 0
     report_dir: Path | None = Path("runs")
     progress_interval: float = 10.0
-    ledger: Path | bool = True
+    ledger: Path | bool | LedgerStore = True
     circuit_breaker: int = 0
 
     def __post_init__(self) -> None:
@@ -436,10 +475,10 @@ class Pipeline:
 
     @property
     def ledger_path(self) -> Path | None:
-        """The ledger file this pipeline's runs use, or ``None``."""
+        """The SQLite ledger file this pipeline's runs use, or ``None`` (none, or a pluggable one)."""
         if self.ledger is True:
             return self.report_dir / "ledger.sqlite" if self.report_dir is not None else None
-        if self.ledger is False:
+        if self.ledger is False or isinstance(self.ledger, LedgerStore):
             return None
         return self.ledger
 

@@ -1,6 +1,10 @@
 """The run ledger: each item's state per run id, so a rerun finishes the job without redoing it.
 
-An embedded SQLite file (``[pipeline] ledger``, by default ``<report_dir>/ledger.sqlite``)::
+The engine talks to a ledger only through :class:`RunLedger`. The default is :class:`SqliteLedger`,
+an embedded SQLite file; ``[pipeline] ledger = { use = "module:factory", ... }`` plugs in another
+(``stages.db:mysql_ledger`` keeps it in a MySQL table, for runs shared by several workers).
+
+The SQLite file (``[pipeline] ledger``, by default ``<report_dir>/ledger.sqlite``)::
 
     items(run_id, key, state, attempts, stage, error, updated_at)   one row per item and run
     runs(run_id, pipeline, status, started_at, finished_at, watermark)
@@ -17,15 +21,69 @@ An embedded SQLite file (``[pipeline] ledger``, by default ``<report_dir>/ledger
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ._report import utc_now
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "RunLedger", "SqliteLedger", "encode_key", "open_sqlite_ledger"]
+
+
+@runtime_checkable
+class RunLedger(Protocol):
+    """What the engine needs of a ledger: one run id's item states, and its runs' watermarks.
+
+    A ledger is opened for one ``(pipeline, run_id)`` by a :func:`~pipeline.factory` (``ledger =
+    { use = ... }``; the context's ``pipeline`` and ``run_id`` say which), which yields it ready
+    (``resuming`` known) and closes it on exit. The engine opens it before the source and closes
+    it after the run's last :meth:`flush` and :meth:`finish_run`, even when the run fails.
+
+    Keys are stored as :func:`encode_key` text, so 42 and "42" stay distinct. States are
+    ``"done"``, ``"skipped"`` and ``"failed"``. Several workers may share a store: writes are
+    upserts on ``(run_id, key)``, so recording an item twice leaves one row.
+
+    Attributes:
+        resuming: Whether this run id had recorded items when the ledger was opened. Only then
+            does the engine look items up (:meth:`states`); a fresh run pays nothing per item
+            but :meth:`record`.
+        flush_interval: Seconds between the engine's calls to :meth:`flush` during the run.
+    """
+
+    resuming: bool
+    flush_interval: float
+
+    async def states(self, keys: Sequence[object]) -> list[str | None]:
+        """This run's recorded state of each key (``None`` if none), in order; one batch of reads."""
+        ...
+
+    def record(self, key: object, state: str, attempts: int, stage: str | None, error: str | None) -> None:
+        """Buffer one item's final state; must not block (it runs on the hot path)."""
+        ...
+
+    async def flush(self) -> None:
+        """Write what :meth:`record` buffered, in one batch. On failure keep it for the next flush."""
+        ...
+
+    async def start_run(self, started_at: str) -> None:
+        """Note that this run id started (again); ``started_at`` is ISO 8601 UTC."""
+        ...
+
+    async def finish_run(self, status: str, watermark: str | None) -> None:
+        """Note how this run ended, and its watermark (kept only when ``status`` is ``"ok"``)."""
+        ...
+
+    async def last_watermark(self) -> str | None:
+        """The watermark of this pipeline's last successful run, if any."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """How many of this run's items are in each state."""
+        ...
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -54,8 +112,12 @@ def encode_key(key: object) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
 
-class Ledger:
-    """Item states for one pipeline's runs, in an SQLite file.
+class SqliteLedger:
+    """The default :class:`RunLedger`: item states for one pipeline's runs, in an SQLite file.
+
+    Its reads are local and indexed, so they run on the event loop. :meth:`failed` and
+    :meth:`close` are plain calls, for ``pipeline deadletters``, which reads the file outside a run
+    (a pluggable ledger is not read there: it lists every dead letter, retried or not).
 
     Args:
         path: The SQLite file; created with its directory if missing.
@@ -93,6 +155,16 @@ class Ledger:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    async def states(self, keys: Sequence[object]) -> list[str | None]:
+        """See :meth:`RunLedger.states`; a key that cannot be encoded has no state."""
+        out: list[str | None] = []
+        for key in keys:
+            try:
+                out.append(self.state(key))
+            except TypeError:
+                out.append(None)
+        return out
+
     def failed(self) -> list[tuple[str, int, str | None, str | None]]:
         """This run's failed items: ``(key as JSON, attempts, stage, error)``."""
         rows = self._reader.execute(
@@ -102,14 +174,14 @@ class Ledger:
         ).fetchall()
         return [(str(k), int(a), s, e) for k, a, s, e in rows]
 
-    def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, int]:
         """How many of this run's items are in each state."""
         rows = self._reader.execute(
             "SELECT state, COUNT(*) FROM items WHERE run_id = ? GROUP BY state", (self.run_id,)
         ).fetchall()
         return {str(s): int(n) for s, n in rows}
 
-    def last_watermark(self) -> str | None:
+    async def last_watermark(self) -> str | None:
         """The watermark of this pipeline's last successful run, if any."""
         row = self._reader.execute(
             "SELECT watermark FROM runs WHERE pipeline = ? AND status = 'ok' AND watermark IS NOT NULL "
@@ -145,15 +217,13 @@ class Ledger:
             if not self._pending:
                 return
             batch, self._pending = self._pending, []
-            await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
+            except BaseException:
+                self._pending[:0] = batch  # kept for the next flush
+                raise
 
-    async def flush_periodically(self) -> None:
-        """Flush every ``flush_interval`` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            await self.flush()
-
-    def start_run(self, started_at: str) -> None:
+    async def start_run(self, started_at: str) -> None:
         """Note that this run id started (again)."""
         self._db.execute(
             "INSERT INTO runs (run_id, pipeline, status, started_at) VALUES (?, ?, 'running', ?) "
@@ -161,7 +231,7 @@ class Ledger:
             (self.run_id, self.pipeline, started_at),
         )
 
-    def finish_run(self, status: str, watermark: str | None) -> None:
+    async def finish_run(self, status: str, watermark: str | None) -> None:
         """Note how this run ended, and its watermark when it succeeded."""
         self._db.execute(
             "UPDATE runs SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) "
@@ -173,3 +243,17 @@ class Ledger:
         """Close the connections (after a final :meth:`flush`)."""
         self._reader.close()
         self._db.close()
+
+
+Ledger = SqliteLedger
+"""The SQLite ledger's former name."""
+
+
+@contextlib.asynccontextmanager
+async def open_sqlite_ledger(path: Path, *, pipeline: str, run_id: str) -> AsyncIterator[SqliteLedger]:
+    """Open the default ledger file for one run, and close it on exit."""
+    ledger = SqliteLedger(path, pipeline=pipeline, run_id=run_id)
+    try:
+        yield ledger
+    finally:
+        ledger.close()

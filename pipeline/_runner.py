@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._contract import Context, DatabaseHandle, Kind, SharedResources, is_factory, stage_kind
-from ._definition import Auto, Pipeline, Stage, _describe, parse_rate, workload
+from ._definition import Auto, LedgerStore, Pipeline, Stage, _describe, parse_rate, workload
 from ._exceptions import (
     ConfigError,
     PipelineError,
@@ -45,7 +45,7 @@ from ._exceptions import (
     StageMisuse,
     StageTimeout,
 )
-from ._ledger import Ledger
+from ._ledger import RunLedger, open_sqlite_ledger
 from ._limiter import CapacityLimiter
 from ._report import DeadLetterWriter, ItemCounts, LatencyHistogram, RunReport, StageReport, utc_now
 
@@ -595,7 +595,7 @@ class Runner:
         self.already_done = 0
         self.not_retried = 0
         self.abandoned_threads = 0
-        self.ledger: Ledger | None = None
+        self.ledger: RunLedger | None = None
         self._watermark: Any = None
         self._in_flight_keys: dict[Any, _Ticket] = {}
         self._stop_signal: int | None = None
@@ -696,23 +696,58 @@ class Runner:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop, sig)
                 installed.append(sig)
+        shared = SharedResources()
+        # The ledger outlives the flow: its last flush follows the report. A pluggable one may
+        # use the shared resources (a database pool), which then close after it.
+        outer = contextlib.AsyncExitStack()
+        try:
+            report, error = await self._run(started_at, shared, outer, installed)
+        except BaseException:
+            await outer.aclose()
+            raise
+        try:
+            await outer.aclose()
+        except Exception as exc:
+            log.error("closing the ledger failed: %s: %s", type(exc).__name__, exc)
+            error = error or exc
+        for path in (self.run_dir / "report.json" if self.run_dir else None, self.report_path):
+            if path is not None:
+                report.write(path)
+        self.last_report = report
+        if error is not None:
+            raise error
+        return report
+
+    async def _run(
+        self,
+        started_at: str,
+        shared: SharedResources,
+        outer: contextlib.AsyncExitStack,
+        installed: list[signal.Signals],
+    ) -> tuple[RunReport, BaseException | None]:
+        """The run up to its report and the ledger's last write; :meth:`run` closes the ledger."""
+        loop = asyncio.get_running_loop()
+        error: BaseException | None = None
         flusher: asyncio.Task[None] | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
-                ledger_path = self.pipeline.ledger_path
-                if ledger_path is not None:
-                    self.ledger = Ledger(ledger_path, pipeline=self.pipeline.name, run_id=self.run_id)
-                    if self.only_failed and not self.ledger.counts().get("failed"):
-                        raise ConfigError(
-                            f"run {self.run_id!r} has no failed items in the ledger {ledger_path}; "
-                            "check the run id (`pipeline deadletters CONFIG` lists runs with failures)"
-                        )
-                    if self.ledger.resuming:
-                        log.info("resuming run %s: %s", self.run_id, self.ledger.counts())
-                    self.ledger.start_run(started_at)
-                    flusher = asyncio.create_task(self.ledger.flush_periodically(), name="pipeline-ledger")
-                shared = SharedResources()
-                stack.push_async_exit(shared.stack)  # closed after every stage's own resources
+                pluggable = isinstance(self.pipeline.ledger, LedgerStore)
+                # Closed after every stage's own resources (and, with a pluggable ledger, after it).
+                (outer if pluggable else stack).push_async_exit(shared.stack)
+                self.ledger = ledger = await self._open_ledger(outer, shared)
+                if ledger is not None:
+                    if self.only_failed or ledger.resuming:
+                        counts = await ledger.counts()
+                        if self.only_failed and not counts.get("failed"):
+                            where = self.pipeline.ledger_path or "ledger"
+                            raise ConfigError(
+                                f"run {self.run_id!r} has no failed items in the ledger {where}; check "
+                                "the run id (`pipeline deadletters CONFIG` lists runs with failures)"
+                            )
+                        if ledger.resuming:
+                            log.info("resuming run %s: %s", self.run_id, counts)
+                    await ledger.start_run(started_at)
+                    flusher = asyncio.create_task(_flush_periodically(ledger), name="pipeline-ledger")
                 source = await self._open_source(stack, shared)
                 await self._open_stages(stack, shared)
                 from ._progress import open_progress
@@ -744,23 +779,46 @@ class Runner:
             )
         report = self._report(started_at, error)
         if self.ledger is not None:
-            await self.ledger.flush()
-            self.ledger.finish_run(report.status, self._new_watermark(report))
-            self.ledger.close()
-        for path in (self.run_dir / "report.json" if self.run_dir else None, self.report_path):
-            if path is not None:
-                report.write(path)
-        self.last_report = report
-        if error is not None:
-            raise error
-        return report
+            try:
+                await self.ledger.flush()
+                await self.ledger.finish_run(report.status, self._new_watermark(report))
+            except Exception as exc:
+                # The work is done; unrecorded items are only done again by a rerun.
+                log.error(
+                    "the ledger could not record the end of run %s (%s: %s); a rerun redoes the "
+                    "items it lost",
+                    self.run_id,
+                    type(exc).__name__,
+                    exc,
+                )
+        return report, error
+
+    async def _open_ledger(
+        self, stack: contextlib.AsyncExitStack, shared: SharedResources
+    ) -> RunLedger | None:
+        spec = self.pipeline.ledger
+        if isinstance(spec, LedgerStore):
+            ctx = self._context("ledger", None, shared)
+            ledger = await _open(stack, spec.fn(ctx, **spec.options), "the ledger")
+            if not isinstance(ledger, RunLedger):
+                raise ConfigError(
+                    f"ledger factory {_describe(spec.fn)} yielded {ledger!r}, which is not a RunLedger; "
+                    "yield an object with the methods pipeline.RunLedger lists"
+                )
+            return ledger
+        path = self.pipeline.ledger_path
+        if path is None:
+            return None
+        return await stack.enter_async_context(
+            open_sqlite_ledger(path, pipeline=self.pipeline.name, run_id=self.run_id)
+        )
 
     async def _open_source(self, stack: contextlib.AsyncExitStack, shared: SharedResources) -> Any:
         spec = self.pipeline.source
         options = dict(spec.options)
         if spec.watermark is not None and self.ledger is not None and not self.only_failed:
             # Incremental nights: only rows changed since the last successful run.
-            since = self.ledger.last_watermark()
+            since = await self.ledger.last_watermark()
             if since is not None:
                 options["since"] = since
                 log.info("incremental run: rows with %s > %s", spec.watermark, since)
@@ -837,20 +895,25 @@ class Runner:
         watermark = self.pipeline.source.watermark
         limit = self.limit
         stopping = self._stopping
-        # Only a rerun of a run id pays for ledger lookups.
+        # Only a rerun of a run id pays for ledger lookups: one batch of them per source batch.
         ledger = self.ledger if self.ledger is not None and self.ledger.resuming else None
+        states: list[str | None] | None = None
         in_flight = self._in_flight_keys
         reading = True
         async with contextlib.aclosing(self._batches(source)) as batches:
             async for batch in batches:
-                for row in batch:
+                if ledger is not None:
+                    states = await ledger.states(
+                        [row.get(key_field) if isinstance(row, dict) else None for row in batch]
+                    )
+                for i, row in enumerate(batch):
                     if type(row) is not dict and not isinstance(row, dict):
                         raise SourceError(
                             f"the source yielded {type(row).__name__}, expected a dict per item "
                             f"({_describe(self.pipeline.source.fn)})"
                         )
                     key = row.get(key_field)
-                    if ledger is not None and self._already_ended(ledger, key):
+                    if states is not None and self._already_ended(states[i]):
                         continue
                     ticket = _Ticket(key)
                     self.read += 1
@@ -879,12 +942,8 @@ class Runner:
         self._feeder = None
         await q.put(_END)
 
-    def _already_ended(self, ledger: Ledger, key: object) -> bool:
-        """On a rerun: whether ``key`` ended in an earlier attempt and is not taken again."""
-        try:
-            state = ledger.state(key)
-        except TypeError:
-            return False  # an odd key: let the key check fail the item with a reason
+    def _already_ended(self, state: str | None) -> bool:
+        """On a rerun: whether an item whose recorded state is ``state`` is not taken again."""
         if self.only_failed:
             return state != "failed"
         if state == "failed" and not self.retry_failed:
@@ -1159,3 +1218,14 @@ def _release_from_thread(loop: asyncio.AbstractEventLoop, limiter: CapacityLimit
 def _set_result(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+async def _flush_periodically(ledger: RunLedger) -> None:
+    """Flush the ledger every ``flush_interval`` seconds until cancelled; a failed flush keeps its
+    records for the next one (a database failover must not stop the run)."""
+    while True:
+        await asyncio.sleep(ledger.flush_interval)
+        try:
+            await ledger.flush()
+        except Exception as exc:
+            log.warning("the ledger could not write (%s: %s); will try again", type(exc).__name__, exc)

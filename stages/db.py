@@ -22,6 +22,9 @@ refused connections, "too many connections", lock-wait timeouts, deadlocks and S
 :class:`DatabaseError` that names the database (with its DSN redacted) and what failed. A
 password never appears in a log line, an exception message or a ``repr``.
 
+:func:`mysql_ledger` keeps the run ledger (:class:`~pipeline.RunLedger`) in a table of such a
+database instead of the default SQLite file, so several workers can share runs.
+
 SQL given to this module uses ``?`` placeholders for either kind; they are translated to ``%s``
 for MySQL, outside string literals and comments.
 """
@@ -40,12 +43,13 @@ import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiomysql
 import aiosqlite
 import pymysql
+from pydantic import Field
 
 from pipeline import (
     CapacityLimiter,
@@ -55,8 +59,10 @@ from pipeline import (
     Item,
     Overloaded,
     ResourceError,
+    RunLedger,
     Skip,
     TransientError,
+    encode_key,
     factory,
 )
 
@@ -65,7 +71,9 @@ __all__ = [
     "DatabaseError",
     "RowNotFoundError",
     "execute_script",
+    "TableLedger",
     "lookup",
+    "mysql_ledger",
     "read_rows",
     "redact",
     "shared_database",
@@ -332,7 +340,7 @@ def _keyset_queries(
 # The database: a pool, the shared limiter, and the one error boundary
 
 
-Mode = Literal["all", "one", "rowcount", "script"]
+Mode = Literal["all", "one", "rowcount", "script", "many"]
 
 
 class Database(abc.ABC):
@@ -380,6 +388,29 @@ class Database(abc.ABC):
         """Run one statement in autocommit mode and return the affected row count."""
         count: int = await self._run(sql, params, "rowcount", action)
         return count
+
+    async def execute_many(
+        self, sql: str, rows: Sequence[Params], *, action: str = "writing a batch"
+    ) -> None:
+        """Run one statement once per row of parameters, all in one transaction, on one connection.
+
+        The limiter is held for the whole batch, as for any one statement.
+        """
+        text, placeholders = _translate_sql(sql, self.dialect)
+        batch = tuple(tuple(row) for row in rows)
+        for row in batch:
+            if len(row) != placeholders:
+                raise ValueError(
+                    f"{action} on database {self.name!r}: the SQL has {placeholders} ? placeholders "
+                    f"but a row has {len(row)} parameters; make them match"
+                )
+        if not batch:
+            return
+        try:
+            async with self.limiter:
+                await self._execute(text, batch, "many")
+        except (pymysql.err.Error, sqlite3.Error, OSError) as exc:
+            raise self._translate(exc, action) from exc
 
     async def _run(self, sql: str, params: Params, mode: Mode, action: str) -> Any:
         text, placeholders = _translate_sql(sql, self.dialect)
@@ -461,6 +492,12 @@ class _MySQLDatabase(Database):
                     while await cur.nextset():
                         pass
                     result: Any = None
+                elif mode == "many":
+                    # On failure the connection is closed below, which rolls the batch back.
+                    await conn.begin()
+                    await cur.executemany(sql, params)
+                    await conn.commit()
+                    result = None
                 else:
                     # Always a tuple, never None: pymysql only undoes the %% escaping when
                     # it formats arguments in.
@@ -539,6 +576,15 @@ class _SQLiteDatabase(Database):
                 if mode == "script":
                     await conn.executescript(sql)
                     result: Any = None
+                elif mode == "many":
+                    await conn.execute("BEGIN")
+                    try:
+                        await conn.executemany(sql, params)
+                        await conn.execute("COMMIT")
+                    except BaseException:
+                        await asyncio.shield(conn.execute("ROLLBACK"))
+                        raise
+                    result = None
                 else:
                     async with conn.execute(sql, params) as cur:
                         if mode == "all":
@@ -1012,3 +1058,227 @@ async def write_results(
         return item
 
     yield run
+
+
+# --------------------------------------------------------------------------------------------
+# The run ledger in a table
+
+
+_LEDGER_ITEM_COLUMNS = ("run_id", "key", "state", "attempts", "stage", "error", "updated_at")
+
+
+def _ledger_ddl(dialect: Dialect, items: str, runs: str) -> list[str]:
+    if dialect == "mysql":
+        # Binary collation: keys "A" and "a" are different items. VARCHAR(255) x 2 fits InnoDB's
+        # index limit in utf8mb4.
+        text = "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+        return [
+            f"CREATE TABLE IF NOT EXISTS {items} (`run_id` {text}, `key` {text}, "
+            "`state` VARCHAR(16) NOT NULL, `attempts` INT NOT NULL, `stage` VARCHAR(255) NULL, "
+            "`error` TEXT NULL, `updated_at` DATETIME(6) NOT NULL, PRIMARY KEY (`run_id`, `key`)) "
+            "CHARACTER SET utf8mb4",
+            f"CREATE TABLE IF NOT EXISTS {runs} (`run_id` {text} PRIMARY KEY, "
+            "`pipeline` VARCHAR(255) NOT NULL, `status` VARCHAR(32) NOT NULL, "
+            "`started_at` DATETIME(6) NOT NULL, `finished_at` DATETIME(6) NULL, `watermark` TEXT NULL, "
+            "KEY (`pipeline`, `status`, `finished_at`)) CHARACTER SET utf8mb4",
+        ]
+    return [
+        f'CREATE TABLE IF NOT EXISTS {items} ("run_id" TEXT NOT NULL, "key" TEXT NOT NULL, '
+        '"state" TEXT NOT NULL, "attempts" INTEGER NOT NULL, "stage" TEXT, "error" TEXT, '
+        '"updated_at" TEXT NOT NULL, PRIMARY KEY ("run_id", "key"))',
+        f'CREATE TABLE IF NOT EXISTS {runs} ("run_id" TEXT PRIMARY KEY, "pipeline" TEXT NOT NULL, '
+        '"status" TEXT NOT NULL, "started_at" TEXT NOT NULL, "finished_at" TEXT, "watermark" TEXT)',
+    ]
+
+
+_LEDGER_LOOKUP_CHUNK = 500
+"""Keys per ``IN (...)`` lookup on a rerun."""
+
+
+class TableLedger:
+    """A :class:`~pipeline.RunLedger` in two tables of a :class:`Database`: ``<table>`` (one row
+    per item and run) and ``<table>_runs``. Made by :func:`mysql_ledger`.
+
+    Every write is an upsert on ``(run_id, key)``, so workers sharing a run id never leave two
+    rows for an item. Records are buffered and written in one transaction per flush.
+    """
+
+    def __init__(
+        self, db: Database, *, table: str, pipeline: str, run_id: str, flush_interval: float
+    ) -> None:
+        self.db = db
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.flush_interval = flush_interval
+        self.resuming = False
+        self._table = table
+        self._items = db.quote(table)
+        self._runs = db.quote(f"{table}_runs")
+        self._pending: list[tuple[Any, ...]] = []
+        self._lock = asyncio.Lock()
+        q = db.quote
+        columns = ", ".join(q(c) for c in _LEDGER_ITEM_COLUMNS)
+        values = ", ".join("?" for _ in _LEDGER_ITEM_COLUMNS)
+        updates = [c for c in _LEDGER_ITEM_COLUMNS if c not in ("run_id", "key")]
+        if db.dialect == "mysql":
+            assign = ", ".join(f"{q(c)} = VALUES({q(c)})" for c in updates)
+            conflict = f"ON DUPLICATE KEY UPDATE {assign}"
+            run_conflict = "ON DUPLICATE KEY UPDATE `status` = 'running', `finished_at` = NULL"
+        else:
+            assign = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in updates)
+            conflict = f'ON CONFLICT ("run_id", "key") DO UPDATE SET {assign}'
+            run_conflict = 'ON CONFLICT ("run_id") DO UPDATE SET "status" = \'running\', "finished_at" = NULL'
+        self._upsert = f"INSERT INTO {self._items} ({columns}) VALUES ({values}) {conflict}"
+        self._start = (
+            f"INSERT INTO {self._runs} (run_id, pipeline, status, started_at) "
+            f"VALUES (?, ?, 'running', ?) {run_conflict}"
+        )
+
+    def _time(self, iso: str | None = None) -> Any:
+        """A timestamp column's value: naive UTC for MySQL's DATETIME, ISO 8601 text for SQLite."""
+        when = datetime.fromisoformat(iso) if iso else datetime.now(UTC)
+        return when.astimezone(UTC).replace(tzinfo=None) if self.db.dialect == "mysql" else when.isoformat()
+
+    async def _exists(self) -> bool:
+        # Asked first, because MySQL warns on CREATE TABLE IF NOT EXISTS of an existing table.
+        names = (self._table, f"{self._table}_runs")
+        if self.db.dialect == "mysql":
+            sql = (
+                "SELECT COUNT(*) AS n FROM information_schema.tables "
+                "WHERE table_schema = DATABASE() AND table_name IN (?, ?)"
+            )
+        else:
+            sql = "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)"
+        row = await self.db.fetch_one(sql, names, action="looking for the ledger table")
+        return row is not None and int(row["n"]) == len(names)
+
+    async def open(self, *, create_table: bool) -> None:
+        """Create the tables if asked, and find out whether this run id is resuming."""
+        if create_table and not await self._exists():
+            for ddl in _ledger_ddl(self.db.dialect, self._items, self._runs):
+                await self.db.execute(ddl, action="creating the ledger table")
+        row = await self.db.fetch_one(
+            f"SELECT 1 AS x FROM {self._items} WHERE run_id = ? LIMIT 1",
+            (self.run_id,),
+            action="reading the ledger",
+        )
+        self.resuming = row is not None
+
+    async def states(self, keys: Sequence[object]) -> list[str | None]:
+        """See :meth:`pipeline.RunLedger.states`: one ``IN (...)`` query per 500 keys."""
+        encoded: list[str | None] = []
+        for key in keys:
+            try:
+                encoded.append(encode_key(key))
+            except TypeError:
+                encoded.append(None)
+        wanted = sorted({k for k in encoded if k is not None})
+        found: dict[str, str] = {}
+        for i in range(0, len(wanted), _LEDGER_LOOKUP_CHUNK):
+            chunk = wanted[i : i + _LEDGER_LOOKUP_CHUNK]
+            rows = await self.db.fetch_all(
+                f"SELECT {self.db.quote('key')} AS k, state FROM {self._items} "
+                f"WHERE run_id = ? AND {self.db.quote('key')} IN ({', '.join('?' for _ in chunk)})",
+                (self.run_id, *chunk),
+                action="reading the ledger",
+            )
+            found.update((str(r["k"]), str(r["state"])) for r in rows)
+        return [None if k is None else found.get(k) for k in encoded]
+
+    def record(self, key: object, state: str, attempts: int, stage: str | None, error: str | None) -> None:
+        """Buffer one item's final state for the next :meth:`flush`."""
+        self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, self._time()))
+
+    async def flush(self) -> None:
+        """Upsert everything recorded so far in one transaction; on failure keep it for the next."""
+        async with self._lock:
+            if not self._pending:
+                return
+            batch, self._pending = self._pending, []
+            try:
+                await self.db.execute_many(self._upsert, batch, action="writing the ledger")
+            except BaseException:
+                self._pending[:0] = batch
+                raise
+
+    async def start_run(self, started_at: str) -> None:
+        """Note that this run id started (again)."""
+        await self.db.execute(
+            self._start, (self.run_id, self.pipeline, self._time(started_at)), action="starting the run"
+        )
+
+    async def finish_run(self, status: str, watermark: str | None) -> None:
+        """Note how this run ended, and its watermark when it succeeded."""
+        await self.db.execute(
+            f"UPDATE {self._runs} SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) "
+            "WHERE run_id = ?",
+            (status, self._time(), watermark if status == "ok" else None, self.run_id),
+            action="finishing the run",
+        )
+
+    async def last_watermark(self) -> str | None:
+        """The watermark of this pipeline's last successful run, if any."""
+        row = await self.db.fetch_one(
+            f"SELECT watermark FROM {self._runs} WHERE pipeline = ? AND status = 'ok' "
+            "AND watermark IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
+            (self.pipeline,),
+            action="reading the last watermark",
+        )
+        return None if row is None else str(row["watermark"])
+
+    async def counts(self) -> dict[str, int]:
+        """How many of this run's items are in each state."""
+        rows = await self.db.fetch_all(
+            f"SELECT state, COUNT(*) AS n FROM {self._items} WHERE run_id = ? GROUP BY state",
+            (self.run_id,),
+            action="reading the ledger",
+        )
+        return {str(r["state"]): int(r["n"]) for r in rows}
+
+    async def failed(self) -> list[tuple[str, int, str | None, str | None]]:
+        """This run's failed items: ``(key as JSON, attempts, stage, error)``, by key."""
+        rows = await self.db.fetch_all(
+            f"SELECT {self.db.quote('key')} AS k, attempts, stage, error FROM {self._items} "
+            f"WHERE run_id = ? AND state = 'failed' ORDER BY {self.db.quote('key')}",
+            (self.run_id,),
+            action="reading the ledger",
+        )
+        return [(str(r["k"]), int(r["attempts"]), r["stage"], r["error"]) for r in rows]
+
+
+@factory
+@contextlib.asynccontextmanager
+async def mysql_ledger(
+    ctx: Context,
+    *,
+    database: str,
+    table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=58)] = "pipeline_ledger",
+    create_table: bool = True,
+    flush_interval: Annotated[float, Field(gt=0)] = 0.25,
+) -> AsyncIterator[RunLedger]:
+    """Ledger: keep the run ledger in ``table`` (and ``<table>_runs``) of a configured database.
+
+    For runs shared by several workers (``[pipeline] ledger = { use = "stages.db:mysql_ledger",
+    database = "catalog" }``). It uses the database's pool and limiter, like every stage on it.
+    Works on a ``sqlite:///`` database too. Keys longer than 255 characters (as JSON) do not fit.
+
+    Args:
+        ctx: The engine's context (its ``pipeline`` and ``run_id`` pick the rows).
+        database: The ``[databases.<name>]`` to keep the ledger in.
+        table: The items table, a plain identifier; the runs table is ``<table>_runs``.
+        create_table: Create the tables when they do not exist.
+        flush_interval: Seconds between batched writes.
+
+    Raises:
+        ConfigError: ``table`` is not a plain identifier, or the database is not configured.
+    """
+    _check_identifier(table, "table")
+    _check_identifier(f"{table}_runs", "table")
+    if isinstance(flush_interval, bool) or flush_interval <= 0:
+        raise ConfigError(f"flush_interval must be a number of seconds > 0, got {flush_interval!r}")
+    db = await shared_database(ctx, database)
+    ledger = TableLedger(
+        db, table=table, pipeline=ctx.pipeline, run_id=ctx.run_id, flush_interval=flush_interval
+    )
+    await ledger.open(create_table=create_table)
+    yield ledger
