@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -79,16 +79,20 @@ async def open_progress(runner: Runner) -> AsyncIterator[None]:
         from rich.live import Live
 
         with Live(_table(runner), console=Console(stderr=True), refresh_per_second=4) as live:
-            task = asyncio.create_task(_refresh(live, runner))
             try:
-                yield
+                async with _running(_refresh(live, runner)):
+                    yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
                 live.update(_table(runner))
         return
-    task = asyncio.create_task(_log_periodically(runner))
+    async with _running(_log_periodically(runner)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run ``coro`` as a task for the duration of the block, then cancel it and wait."""
+    task = asyncio.create_task(coro)
     try:
         yield
     finally:

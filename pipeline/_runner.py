@@ -29,7 +29,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -420,16 +420,7 @@ class _StageRun:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            if self._timeout is None:
-                result = await self._invoke_async(item)
-            else:
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        result = await self._invoke_async(item)
-                except TimeoutError as exc:
-                    raise StageTimeout(
-                        f"stage {self.name!r} timed out after {self._timeout:g}s", stage=self.name
-                    ) from exc
+            result = await self._within_timeout(self._invoke_async(item))
         except BaseException as exc:
             error = exc
             raise
@@ -437,6 +428,18 @@ class _StageRun:
             self._record(time.perf_counter() - start, error)
             limiter.release()
         return self._check(result)
+
+    async def _within_timeout(self, awaitable: Awaitable[Any], note: str = "") -> Any:
+        """Await one attempt under the stage's timeout, if it has one."""
+        if self._timeout is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        except TimeoutError as exc:
+            raise StageTimeout(
+                f"stage {self.name!r} timed out after {self._timeout:g}s{note}", stage=self.name
+            ) from exc
 
     def _record(self, elapsed: float, error: BaseException | None) -> None:
         """Account one attempt; called while its slot is still held."""
@@ -465,18 +468,9 @@ class _StageRun:
         released_later = False
         error: BaseException | None = None
         try:
-            if self._timeout is None:
-                result = await asyncio.wrap_future(cfut)
-            else:
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        result = await asyncio.wrap_future(cfut)
-                except TimeoutError as exc:
-                    raise StageTimeout(
-                        f"stage {self.name!r} timed out after {self._timeout:g}s "
-                        "(its thread runs on until the call returns, holding its slot)",
-                        stage=self.name,
-                    ) from exc
+            result = await self._within_timeout(
+                asyncio.wrap_future(cfut), " (its thread runs on until the call returns, holding its slot)"
+            )
         except BaseException as exc:
             error = exc
             if not cfut.done():
