@@ -167,6 +167,8 @@ def print_summary(report: RunReport, console: Console | None = None) -> None:
         console.print(f"* bottleneck: {report.bottleneck['stage']}: {report.bottleneck['reason']}")
     if report.error:
         console.print(f"[bold red]error:[/] {report.error}")
+    if report.ledger_error:
+        console.print(f"[bold red]ledger:[/] {report.ledger_error}")
     if report.unfinished_keys:
         keys = ", ".join(map(repr, report.unfinished_keys[:20]))
         more = len(report.unfinished_keys) - 20

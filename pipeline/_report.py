@@ -125,6 +125,8 @@ class RunReport:
             ``--retry-failed`` to take them again).
         abandoned_threads: Worker threads still stuck in a stage call when the run ended (a
             thread cannot be cancelled); the CLI exits without waiting for them.
+        ledger_error: Why the ledger's last write failed, if it did (the items it lost are
+            done again by a rerun).
     """
 
     pipeline: str
@@ -142,6 +144,7 @@ class RunReport:
     already_done: int = 0
     not_retried: int = 0
     abandoned_threads: int = 0
+    ledger_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""

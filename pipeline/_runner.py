@@ -777,14 +777,14 @@ class Runner:
                 await self.ledger.flush()
                 await self.ledger.finish_run(report.status, self._new_watermark(report))
             except Exception as exc:
-                # The work is done; unrecorded items are only done again by a rerun.
-                log.error(
-                    "the ledger could not record the end of run %s (%s: %s); a rerun redoes the "
-                    "items it lost",
-                    self.run_id,
-                    type(exc).__name__,
-                    exc,
+                # The work is done; unrecorded items are only done again by a rerun. Say so in
+                # the report, not only in the log.
+                message = (
+                    f"the ledger could not record the end of the run ({type(exc).__name__}: {exc}); "
+                    "a rerun of this run id redoes the items it lost"
                 )
+                log.error("%s", message)
+                report = dataclasses.replace(report, ledger_error=message)
         return report, error
 
     async def _open_ledger(
