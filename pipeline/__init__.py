@@ -33,12 +33,13 @@ from ._exceptions import (
     StageTimeout,
     TransientError,
 )
-from ._ledger import RunLedger, encode_key
+from ._ledger import BufferedLedger, RunLedger, encode_key
 from ._limiter import CapacityLimiter, LimiterStatistics
 from ._report import ItemCounts, RunReport, StageReport
 
 __all__ = [
     "Auto",
+    "BufferedLedger",
     "CapacityLimiter",
     "ConfigError",
     "Context",

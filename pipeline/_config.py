@@ -56,11 +56,7 @@ class _PipelineTable(BaseModel):
     @classmethod
     def _one_ledger_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         if isinstance(value, dict):
-            try:
-                return _LedgerTable.model_validate(value)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                raise ValueError(f"ledger.{_location(err['loc'])} {_explain(err)}") from None
+            return _table(_LedgerTable, value, "ledger")
         if isinstance(value, str | bool):
             return handler(value)
         raise ValueError(
@@ -117,11 +113,7 @@ class _StageTable(BaseModel):
     def _one_concurrency_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         # A union reports one error per member; the operator wants one sentence.
         if isinstance(value, dict):
-            try:
-                return _AutoTable.model_validate(value)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                raise ValueError(f"concurrency.{_location(err['loc'])} {_explain(err)}") from None
+            return _table(_AutoTable, value, "concurrency")
         if value == "auto" or (type(value) is int and value >= 1):
             return handler(value)
         raise ValueError(
@@ -135,6 +127,19 @@ class _ConfigFile(BaseModel):
     databases: dict[str, _DatabaseTable] = {}
     source: _SourceTable
     stages: list[_StageTable] = Field(min_length=1)
+
+
+def _table(model: type[BaseModel], value: dict[str, Any], key: str) -> BaseModel:
+    """Validate an inline table of a union-typed key, its first problem as one sentence.
+
+    Inside a wrap validator, so the operator sees ``key.sub-key ...`` rather than one error per
+    member of the union.
+    """
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"{key}.{_location(err['loc'])} {_explain(err)}") from None
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -112,7 +112,47 @@ def encode_key(key: object) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
 
-class SqliteLedger:
+class BufferedLedger:
+    """Base for a :class:`RunLedger` that buffers records and writes them in batches.
+
+    :meth:`record` queues a row ``(run_id, key as JSON, state, attempts, stage, error, time)``;
+    :meth:`flush` hands what is queued to :meth:`_write_batch` (one transaction), and keeps the
+    rows for the next flush if that fails. A subclass sets ``run_id``, implements
+    :meth:`_write_batch`, and may override :meth:`_timestamp`.
+    """
+
+    run_id: str
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Any, ...]] = []
+        self._lock = asyncio.Lock()
+
+    def _timestamp(self) -> Any:
+        """The value of the ``updated_at`` column for a row recorded now."""
+        return utc_now()
+
+    async def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Write ``batch`` in one transaction."""
+        raise NotImplementedError
+
+    def record(self, key: object, state: str, attempts: int, stage: str | None, error: str | None) -> None:
+        """Queue one item's final state for the next :meth:`flush`."""
+        self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, self._timestamp()))
+
+    async def flush(self) -> None:
+        """Write everything recorded so far; on failure keep it for the next flush."""
+        async with self._lock:
+            if not self._pending:
+                return
+            batch, self._pending = self._pending, []
+            try:
+                await self._write_batch(batch)
+            except BaseException:
+                self._pending[:0] = batch
+                raise
+
+
+class SqliteLedger(BufferedLedger):
     """The default :class:`RunLedger`: item states for one pipeline's runs, in an SQLite file.
 
     Its reads are local and indexed, so they run on the event loop. :meth:`failed` and
@@ -127,12 +167,12 @@ class SqliteLedger:
     """
 
     def __init__(self, path: Path, *, pipeline: str, run_id: str, flush_interval: float = 0.25):
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.pipeline = pipeline
         self.run_id = run_id
         self.flush_interval = flush_interval
-        self._pending: list[tuple[str, str, str, int, str | None, str | None, str]] = []
         # Two connections: the writer is used from one executor thread at a time (isolation_level
         # None: we open transactions ourselves, so a batch is one commit); the reader serves
         # point lookups on the event loop, which WAL keeps from waiting on the writer.
@@ -141,7 +181,6 @@ class SqliteLedger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._lock = asyncio.Lock()
         row = self._reader.execute("SELECT 1 FROM items WHERE run_id = ? LIMIT 1", (run_id,)).fetchone()
         self.resuming = row is not None
         """Whether this run id has recorded items already (a rerun)."""
@@ -192,10 +231,6 @@ class SqliteLedger:
 
     # -- writing -------------------------------------------------------------------------
 
-    def record(self, key: object, state: str, attempts: int, stage: str | None, error: str | None) -> None:
-        """Queue one item's final state for the next batched commit."""
-        self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, utc_now()))
-
     def _write(self, batch: Iterable[tuple[Any, ...]]) -> None:
         self._db.execute("BEGIN")
         try:
@@ -211,17 +246,9 @@ class SqliteLedger:
             self._db.execute("ROLLBACK")
             raise
 
-    async def flush(self) -> None:
-        """Commit everything recorded so far, off the event loop."""
-        async with self._lock:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, []
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
-            except BaseException:
-                self._pending[:0] = batch  # kept for the next flush
-                raise
+    async def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Commit ``batch`` off the event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
 
     async def start_run(self, started_at: str) -> None:
         """Note that this run id started (again)."""

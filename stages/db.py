@@ -52,6 +52,7 @@ import pymysql
 from pydantic import Field
 
 from pipeline import (
+    BufferedLedger,
     CapacityLimiter,
     ConfigError,
     Context,
@@ -1095,7 +1096,7 @@ _LEDGER_LOOKUP_CHUNK = 500
 """Keys per ``IN (...)`` lookup on a rerun."""
 
 
-class TableLedger:
+class TableLedger(BufferedLedger):
     """A :class:`~pipeline.RunLedger` in two tables of a :class:`Database`: ``<table>`` (one row
     per item and run) and ``<table>_runs``. Made by :func:`mysql_ledger`.
 
@@ -1106,6 +1107,7 @@ class TableLedger:
     def __init__(
         self, db: Database, *, table: str, pipeline: str, run_id: str, flush_interval: float
     ) -> None:
+        super().__init__()
         self.db = db
         self.pipeline = pipeline
         self.run_id = run_id
@@ -1114,8 +1116,6 @@ class TableLedger:
         self._table = table
         self._items = db.quote(table)
         self._runs = db.quote(f"{table}_runs")
-        self._pending: list[tuple[Any, ...]] = []
-        self._lock = asyncio.Lock()
         q = db.quote
         columns = ", ".join(q(c) for c in _LEDGER_ITEM_COLUMNS)
         values = ", ".join("?" for _ in _LEDGER_ITEM_COLUMNS)
@@ -1185,21 +1185,12 @@ class TableLedger:
             found.update((str(r["k"]), str(r["state"])) for r in rows)
         return [None if k is None else found.get(k) for k in encoded]
 
-    def record(self, key: object, state: str, attempts: int, stage: str | None, error: str | None) -> None:
-        """Buffer one item's final state for the next :meth:`flush`."""
-        self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, self._time()))
+    def _timestamp(self) -> Any:
+        return self._time()
 
-    async def flush(self) -> None:
-        """Upsert everything recorded so far in one transaction; on failure keep it for the next."""
-        async with self._lock:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, []
-            try:
-                await self.db.execute_many(self._upsert, batch, action="writing the ledger")
-            except BaseException:
-                self._pending[:0] = batch
-                raise
+    async def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Upsert ``batch`` in one transaction."""
+        await self.db.execute_many(self._upsert, batch, action="writing the ledger")
 
     async def start_run(self, started_at: str) -> None:
         """Note that this run id started (again)."""
