@@ -1,25 +1,39 @@
 """A batch pipeline that mixes async and blocking work.
 
-The layers, bottom up (each imports only those below it)::
+The engine's modules, bottom up; each imports only modules above it in this list (``make lint``
+checks it with import-linter)::
 
     _exceptions   the error hierarchy, plus Skip / TransientError / RetryAfter that stages raise
     _limiter      CapacityLimiter: a resizable cap, the one primitive every limit is built on
-    _contract     the stage contract: Item, StageFunction, Context, @factory
-    _definition   Pipeline, Source, Stage, Retry, Database: the pipeline as data, checked on creation
-    _report       statistics, RunReport, dead letters
-    _ledger       RunLedger, the ledger contract, and the default SQLite ledger
-    _runner       the run: bounded queues, worker pools under caps, retries, graceful stop
+    _contract     the stage contract: Item, Context, DatabaseHandle, @factory, @cpu_bound
+    _adaptive     Auto and the controllers behind concurrency = "auto"
+    _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
+    _report       statistics, RunReport, dead letters, bottleneck advice
+    _ledger       RunLedger (the ledger contract), BufferedLedger, the default SQLite ledger
+    _progress     live progress and the summary table (rich), rendered from a snapshot
+    _tickets      every item's ticket and the tally that ends each exactly once
+    _stage        one stage at run time: its workers, the one attempt path, retries, pauses
+    _threads      the run's dedicated thread pool
+    _feed         the source read in batches: key checks, resume lookups, watermark
+    _run          the run: open, flow under one TaskGroup, stop and grace, close, report
+    _pipeline     Pipeline: the definition that runs itself
     _config       config.toml -> Pipeline (tomllib + pydantic)
-    _progress     live progress and the summary table (rich)
-    _cli          the `pipeline` command
-    testing       in-memory helpers for testing a custom stage
+    _deadletters  a run's dead letters, grouped
+    _metrics      the report as Prometheus metrics
+    _tune         `pipeline tune`: measure each cap
+    testing       helpers for testing a custom stage (public)
+    cli           the `pipeline` command (public: ``pipeline.cli.main(argv)``)
 
 The engine knows nothing of MySQL, HTTP or images: those are stages, in the ``stages`` package,
 written against the same contract as yours.
 """
 
-from ._contract import Context, DatabaseHandle, Item, StageFunction, factory
-from ._definition import Auto, Database, LedgerStore, Pipeline, Retry, Source, Stage, cpu_bound, parse_rate
+import dataclasses
+import os
+
+from ._adaptive import Auto
+from ._contract import Context, DatabaseHandle, Item, cpu_bound, factory
+from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
 from ._exceptions import (
     ConfigError,
     Overloaded,
@@ -35,7 +49,9 @@ from ._exceptions import (
 )
 from ._ledger import BufferedLedger, RunLedger, encode_key
 from ._limiter import CapacityLimiter, LimiterStatistics
+from ._pipeline import Pipeline
 from ._report import ItemCounts, RunReport, StageReport
+from ._run import run, run_async
 
 __all__ = [
     "Auto",
@@ -62,7 +78,6 @@ __all__ = [
     "SourceError",
     "Stage",
     "StageError",
-    "StageFunction",
     "StageMisuse",
     "StageReport",
     "StageTimeout",
@@ -72,11 +87,30 @@ __all__ = [
     "factory",
     "load_config",
     "parse_rate",
+    "run",
+    "run_async",
 ]
 
 
-def load_config(path: str, **kwargs: object) -> Pipeline:
+def load_config(path: str | os.PathLike[str]) -> Pipeline:
     """Read a ``config.toml`` into a :class:`Pipeline` (see :mod:`pipeline._config`)."""
-    from ._config import load_config as _load
+    from ._config import load_config as _load  # deferred: pydantic's import is not free
 
-    return _load(path, **kwargs)  # type: ignore[arg-type]
+    return _load(path)
+
+
+def _publish(names: list[str]) -> None:
+    """Give the public names ``__module__ = "pipeline"``, as trio and httpx do, so that what is
+    stored (a dead letter's ``error_type``) names ``pipeline.Overloaded`` and survives a rename
+    of the private module that defines it.
+
+    Dataclasses keep their defining module: ``typing.get_type_hints`` resolves their (string)
+    field annotations in that module's namespace, and no stored data names them.
+    """
+    for name in names:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith(f"{__name__}._") and not dataclasses.is_dataclass(obj):
+            obj.__module__ = __name__
+
+
+_publish(__all__)

@@ -20,18 +20,70 @@ Two algorithms:
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
-from ._definition import Auto
-from ._exceptions import Overloaded
+from ._contract import workload
+from ._exceptions import ConfigError, Overloaded
 
-__all__ = ["Controller", "GradientController", "ThroughputController", "is_loss", "make_controller"]
+__all__ = [
+    "Auto",
+    "Controller",
+    "GradientController",
+    "ThroughputController",
+    "check_cap",
+    "is_loss",
+    "make_controller",
+]
 
 Clock = Callable[[], float]
+
+_DEFAULT_AUTO_MAX_IO = 64
+
+
+def check_cap(name: str, value: object) -> None:
+    """Refuse a cap that is not an integer >= 1, naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Auto:
+    """``concurrency = "auto"``: the engine measures the stage and sets its cap as it runs.
+
+    Attributes:
+        min: The cap never goes below this.
+        max: The cap never goes above this; defaults to the number of cores for a
+            :func:`cpu_bound` stage, else 64.
+        initial: The cap to start from; defaults to ``min`` for CPU stages, else ``min(4, max)``.
+        algorithm: ``"gradient"`` (follows call latency; for IO) or ``"throughput"`` (hill
+            climbing; for CPU); defaults from the callable's workload.
+    """
+
+    min: int = 1
+    max: int | None = None
+    initial: int | None = None
+    algorithm: Literal["gradient", "throughput"] | None = None
+
+    def resolve(self, fn: object) -> Auto:
+        """Fill the defaults for ``fn``'s workload, and check the bounds."""
+        cpu = workload(fn) == "cpu"
+        algorithm = self.algorithm or ("throughput" if cpu else "gradient")
+        top = self.max if self.max is not None else ((os.cpu_count() or 1) if cpu else _DEFAULT_AUTO_MAX_IO)
+        top = max(top, self.min)
+        initial = self.initial if self.initial is not None else (self.min if cpu else min(4, top))
+        check_cap("concurrency.min", self.min)
+        check_cap("concurrency.max", top)
+        if not self.min <= initial <= top:
+            raise ConfigError(
+                f"concurrency.initial must be between min ({self.min}) and max ({top}), got {initial}"
+            )
+        return Auto(min=self.min, max=top, initial=initial, algorithm=algorithm)
 
 
 class Controller(Protocol):

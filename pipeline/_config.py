@@ -13,6 +13,7 @@ the bad value and the fix, before anything runs. The shape::
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -28,8 +29,10 @@ from pydantic import (
     field_validator,
 )
 
-from ._definition import Auto, Database, LedgerStore, Pipeline, Retry, Source, Stage
+from ._adaptive import Auto
+from ._definition import Database, LedgerStore, Retry, Source, Stage
 from ._exceptions import ConfigError
+from ._pipeline import Pipeline
 
 __all__ = ["load_config"]
 
@@ -236,7 +239,7 @@ def _with_location(exc: ConfigError, file: str, prefix: str) -> ConfigError:
     return ConfigError(exc.message, file=file, location=location)
 
 
-def load_config(path: str | Path, *, limit_sys_path: bool = False) -> Pipeline:
+def load_config(path: str | os.PathLike[str]) -> Pipeline:
     """Read, validate and build the pipeline a TOML file describes.
 
     The config file's directory is put on ``sys.path``, so custom stages can live next to it.

@@ -26,16 +26,11 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
     Callable,
-    Iterable,
-    Iterator,
     Mapping,
 )
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from ._exceptions import ConfigError
 from ._limiter import CapacityLimiter
@@ -44,30 +39,20 @@ __all__ = [
     "Context",
     "DatabaseHandle",
     "Item",
-    "StageFunction",
+    "SharedResources",
+    "cpu_bound",
+    "describe",
     "factory",
     "is_factory",
     "stage_kind",
+    "workload",
 ]
 
 Item: TypeAlias = dict[str, Any]
 """An item: the source row's columns plus whatever stages add."""
 
-StageResult: TypeAlias = Item | Awaitable[Item] | Iterator[Item] | AsyncIterator[Item] | Iterable[Item]
-
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class StageFunction(Protocol):
-    """The per-item callable of a stage.
-
-    It takes the item positionally and the stage's options as keyword arguments, and returns
-    the item for the next stage (or yields several, for fan-out). ``async def`` runs on the
-    event loop; ``def`` runs in a worker thread, and must not return an awaitable.
-    """
-
-    def __call__(self, item: Item, /, **options: Any) -> StageResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +217,23 @@ def stage_kind(fn: Callable[..., Any]) -> Kind:
     return "thread"
 
 
-def is_async_iterable(obj: object) -> bool:
-    """Whether ``obj`` is an async iterable (as opposed to a plain one)."""
-    return isinstance(obj, AsyncIterable)
+def cpu_bound(fn: F) -> F:
+    """Mark a stage callable (or factory) as CPU-bound.
+
+    With ``concurrency = "auto"``, a CPU-bound stage is tuned by throughput (hill climbing)
+    and capped at the number of cores; any other stage follows the latency of its calls.
+    """
+    fn.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
+    return fn
+
+
+def workload(fn: object) -> Literal["cpu", "io"]:
+    """``"cpu"`` for a :func:`cpu_bound` callable, else ``"io"``."""
+    return "cpu" if getattr(fn, "__pipeline_workload__", None) == "cpu" else "io"
+
+
+def describe(fn: object) -> str:
+    """``module:qualname`` of a callable, for messages."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    return f"{module}:{qualname}" if module else qualname

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._definition import Pipeline
 from ._exceptions import ConfigError
 from ._ledger import Ledger, encode_key
+from ._pipeline import Pipeline
 
 __all__ = ["FailureGroup", "group_dead_letters", "latest_run_id"]
 

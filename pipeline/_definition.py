@@ -1,8 +1,10 @@
-"""The pipeline as data: ``Pipeline``, ``Source``, ``Stage``, ``Retry``, ``Database``.
+"""The pipeline as data: ``Source``, ``Stage``, ``Retry``, ``Database``, ``LedgerStore`` and the
+fields of a ``Pipeline``.
 
 These are what ``from pipeline import ...`` builds in code and what the TOML loader builds from
 ``config.toml``: one definition, one set of checks. Every check runs when the object is made,
-so a bad definition fails before any item runs.
+so a bad definition fails before any item runs. Running one is :mod:`._run`'s business;
+:class:`pipeline.Pipeline` (in :mod:`._pipeline`) joins the two.
 """
 
 from __future__ import annotations
@@ -12,29 +14,22 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal
 
-from ._contract import Kind, is_factory, stage_kind
+from ._adaptive import Auto, check_cap
+from ._contract import Kind, describe, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
 
-if TYPE_CHECKING:
-    from ._report import RunReport
-
 __all__ = [
-    "Auto",
     "Database",
     "LedgerStore",
-    "Pipeline",
+    "PipelineDefinition",
     "Retry",
     "Source",
     "Stage",
-    "cpu_bound",
     "parse_rate",
+    "validate_options",
 ]
-
-_DEFAULT_AUTO_MAX_IO = 64
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (TransientError, TimeoutError, ConnectionError)
 
@@ -75,57 +70,6 @@ class Retry:
         return DEFAULT_RETRY_ON + tuple(self.on)
 
 
-def cpu_bound(fn: F) -> F:
-    """Mark a stage callable (or factory) as CPU-bound.
-
-    With ``concurrency = "auto"``, a CPU-bound stage is tuned by throughput (hill climbing)
-    and capped at the number of cores; any other stage follows the latency of its calls.
-    """
-    fn.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
-    return fn
-
-
-def workload(fn: object) -> Literal["cpu", "io"]:
-    """``"cpu"`` for a :func:`cpu_bound` callable, else ``"io"``."""
-    return "cpu" if getattr(fn, "__pipeline_workload__", None) == "cpu" else "io"
-
-
-@dataclass(frozen=True)
-class Auto:
-    """``concurrency = "auto"``: the engine measures the stage and sets its cap as it runs.
-
-    Attributes:
-        min: The cap never goes below this.
-        max: The cap never goes above this; defaults to the number of cores for a
-            :func:`cpu_bound` stage, else 64.
-        initial: The cap to start from; defaults to ``min`` for CPU stages, else ``min(4, max)``.
-        algorithm: ``"gradient"`` (follows call latency; for IO) or ``"throughput"`` (hill
-            climbing; for CPU); defaults from the callable's workload.
-    """
-
-    min: int = 1
-    max: int | None = None
-    initial: int | None = None
-    algorithm: Literal["gradient", "throughput"] | None = None
-
-    def resolve(self, fn: object) -> Auto:
-        """Fill the defaults for ``fn``'s workload, and check the bounds."""
-        import os
-
-        cpu = workload(fn) == "cpu"
-        algorithm = self.algorithm or ("throughput" if cpu else "gradient")
-        top = self.max if self.max is not None else ((os.cpu_count() or 1) if cpu else _DEFAULT_AUTO_MAX_IO)
-        top = max(top, self.min)
-        initial = self.initial if self.initial is not None else (self.min if cpu else min(4, top))
-        _check_cap("concurrency.min", self.min)
-        _check_cap("concurrency.max", top)
-        if not self.min <= initial <= top:
-            raise ConfigError(
-                f"concurrency.initial must be between min ({self.min}) and max ({top}), got {initial}"
-            )
-        return Auto(min=self.min, max=top, initial=initial, algorithm=algorithm)
-
-
 def parse_rate(rate: str) -> tuple[float, float]:
     """Parse ``"50/s"``, ``"3000/min"``, ``"10/5s"`` into ``(count, period_seconds)``.
 
@@ -163,18 +107,7 @@ class Database:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_cap("concurrency", self.concurrency)
-
-
-def _check_cap(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _describe(fn: object) -> str:
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None) or repr(fn)
-    return f"{module}:{qualname}" if module else qualname
+        check_cap("concurrency", self.concurrency)
 
 
 def validate_options(
@@ -202,7 +135,7 @@ def validate_options(
     if skip_first:
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
             raise ConfigError(
-                f"{_describe(fn)} must take the item (or, for a factory, the context) as its "
+                f"{describe(fn)} must take the item (or, for a factory, the context) as its "
                 "first positional parameter"
             )
         params = params[1:]
@@ -219,13 +152,13 @@ def validate_options(
         if name not in fields and not var_kw:
             engine = f"; the engine's own keys are {', '.join(sorted(engine_keys))}" if engine_keys else ""
             raise ConfigError(
-                f"unknown key {name!r}: {_describe(fn)} accepts {accepted}{engine}. Check the spelling",
+                f"unknown key {name!r}: {describe(fn)} accepts {accepted}{engine}. Check the spelling",
                 location=name,
             )
     required = [n for n, (_, d) in fields.items() if d is ... and n not in options]
     if required:
         raise ConfigError(
-            f"missing option {required[0]!r}, which {_describe(fn)} requires; set it",
+            f"missing option {required[0]!r}, which {describe(fn)} requires; set it",
             location=required[0],
         )
     known = {n: v for n, v in options.items() if n in fields}
@@ -241,7 +174,7 @@ def validate_options(
         name = str(err["loc"][0]) if err["loc"] else "?"
         raise ConfigError(
             f"option {name!r} = {known.get(name)!r} is invalid: {err['msg']} "
-            f"(see the signature of {_describe(fn)})",
+            f"(see the signature of {describe(fn)})",
             location=name,
         ) from None
     except (TypeError, pydantic.PydanticSchemaGenerationError):
@@ -289,7 +222,7 @@ class Source:
         )
         if self.watermark is not None and not _accepts(self.fn, "since"):
             raise ConfigError(
-                f"source.watermark is set, but {_describe(self.fn)} takes no 'since' option; "
+                f"source.watermark is set, but {describe(self.fn)} takes no 'since' option; "
                 "use a source that reads incrementally, or remove watermark",
                 location="watermark",
             )
@@ -337,14 +270,14 @@ class Stage:
             except ConfigError as exc:
                 raise ConfigError(f"stage {self.name!r}: {exc.message}", location="concurrency") from None
         else:
-            _check_cap(f"stage {self.name!r}: concurrency", self.concurrency)
+            check_cap(f"stage {self.name!r}: concurrency", self.concurrency)
         if self.rate is not None:
             try:
                 parse_rate(self.rate)
             except ConfigError as exc:
                 raise ConfigError(f"stage {self.name!r}: {exc.message}", location="rate") from None
         if self.queue_size is not None:
-            _check_cap(f"stage {self.name!r}: queue_size", self.queue_size)
+            check_cap(f"stage {self.name!r}: queue_size", self.queue_size)
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"stage {self.name!r}: timeout must be > 0 seconds, got {self.timeout!r}")
         if not is_factory(self.fn):
@@ -377,13 +310,13 @@ class Stage:
         runs_async = kind in ("async", "async-gen")
         if self.kind == "thread" and runs_async:
             raise ConfigError(
-                f'stage {self.name!r} is declared kind = "thread" but {_describe(self.fn)} is '
+                f'stage {self.name!r} is declared kind = "thread" but {describe(self.fn)} is '
                 "a coroutine function; a coroutine is never handed to a thread. Remove kind, "
                 "or make the callable a plain def"
             )
         if self.kind == "async" and not runs_async:
             raise ConfigError(
-                f'stage {self.name!r} is declared kind = "async" but {_describe(self.fn)} is '
+                f'stage {self.name!r} is declared kind = "async" but {describe(self.fn)} is '
                 "a plain function, which would block the event loop. Remove kind to run it in "
                 "the thread pool, or make it async def"
             )
@@ -410,7 +343,7 @@ class LedgerStore:
     def __post_init__(self) -> None:
         if not is_factory(self.fn):
             raise ConfigError(
-                f"{_describe(self.fn)} is not a @pipeline.factory; a ledger's use must name a factory "
+                f"{describe(self.fn)} is not a @pipeline.factory; a ledger's use must name a factory "
                 "yielding a RunLedger, such as stages.db:mysql_ledger",
                 location="use",
             )
@@ -421,26 +354,9 @@ _STAGE_KEYS = ("use", *(f.name for f in dataclasses.fields(Stage) if f.name not 
 
 
 @dataclass(frozen=True)
-class Pipeline:
-    """A source, stages in order, and the run's settings.
-
-    Attributes:
-        source: Where items come from.
-        stages: The stages, in order.
-        name: The pipeline's name; it prefixes run ids.
-        databases: Shared databases by name, each with its one cap.
-        queue_size: Default bound of the queue in front of each stage.
-        grace_period: Seconds in-flight items get to finish after SIGINT or SIGTERM.
-        max_failures: Failed items allowed before the run's exit status is 1.
-        report_dir: Where each run writes ``<run_id>/report.json`` and its dead letters;
-            ``None`` writes nothing unless a path is given to :meth:`run`.
-        progress_interval: Seconds between progress log lines when not on a terminal.
-        ledger: Where each item's state is recorded, so a rerun of the same run id resumes:
-            ``True`` for ``<report_dir>/ledger.sqlite``, a path, a :class:`LedgerStore`
-            (for example a MySQL table shared by several workers), or ``False`` for none.
-        circuit_breaker: Stop the run when one stage fails this many items in a row with the
-            same error (a database down, a full disk); ``0`` turns it off.
-    """
+class PipelineDefinition:
+    """The fields of a :class:`pipeline.Pipeline` (documented there) and their checks; it adds
+    ``run()``. The run (:mod:`._run`) takes this, so that the definition need not import it."""
 
     source: Source
     stages: Sequence[Stage]
@@ -458,7 +374,7 @@ class Pipeline:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise ConfigError("a pipeline needs at least one stage")
-        _check_cap("queue_size", self.queue_size)
+        check_cap("queue_size", self.queue_size)
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period!r}")
         if self.circuit_breaker < 0:
@@ -481,43 +397,3 @@ class Pipeline:
         if self.ledger is False or isinstance(self.ledger, LedgerStore):
             return None
         return self.ledger
-
-    async def run_async(
-        self,
-        *,
-        run_id: str | None = None,
-        limit: int | None = None,
-        report_path: Path | None = None,
-        progress: bool | None = None,
-        handle_signals: bool = False,
-        retry_failed: bool = False,
-    ) -> RunReport:
-        """Run the pipeline on the running event loop and return its report.
-
-        Args:
-            run_id: The run's id; defaults to the pipeline's name and today's date, so a rerun
-                the same day resumes it (see the ledger).
-            limit: Read at most this many items from the source.
-            report_path: Also write the report JSON here.
-            progress: Show live progress; ``None`` shows it when stderr is a terminal.
-            handle_signals: Install SIGINT/SIGTERM handlers for a graceful stop.
-            retry_failed: On a rerun of ``run_id``, take the items that failed again too.
-        """
-        from ._runner import Runner
-
-        runner = Runner(
-            self,
-            run_id=run_id,
-            limit=limit,
-            report_path=report_path,
-            progress=progress,
-            retry_failed=retry_failed,
-        )
-        return await runner.run(handle_signals=handle_signals)
-
-    def run(self, **kwargs: Any) -> RunReport:
-        """Run the pipeline to completion in a new event loop (see :meth:`run_async`)."""
-        import asyncio
-
-        kwargs.setdefault("handle_signals", True)
-        return asyncio.run(self.run_async(**kwargs))

@@ -10,82 +10,112 @@ import asyncio
 import contextlib
 import logging
 import sys
-import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ._report import RunReport
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from ._report import RunReport
-    from ._runner import Runner
-
-__all__ = ["open_progress", "print_summary"]
+__all__ = ["RunSnapshot", "StageSnapshot", "open_progress", "print_summary"]
 
 log = logging.getLogger("pipeline")
 
 
-def _snapshot(runner: Runner) -> tuple[float, int, int, int, int]:
-    elapsed = time.perf_counter() - runner.started
-    done = runner.ok + runner.failed + runner.skipped
-    return elapsed, runner.read, done, runner.failed, runner.open_items
+@dataclass(frozen=True, slots=True)
+class StageSnapshot:
+    """One stage's figures at one moment of a run."""
+
+    name: str
+    kind: str
+    in_flight: int
+    cap: int
+    queued: int
+    ok: int
+    failed: int
+    retries: int
 
 
-def _table(runner: Runner) -> Table:
+@dataclass(frozen=True, slots=True)
+class RunSnapshot:
+    """A run's figures at one moment: what progress shows, taken by the run when asked."""
+
+    pipeline: str
+    run_id: str
+    elapsed_s: float
+    read: int
+    done: int
+    failed: int
+    in_flight: int
+    stages: tuple[StageSnapshot, ...]
+
+    @property
+    def rate(self) -> float:
+        """Items ended per second since the start."""
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _table(snap: RunSnapshot) -> Table:
     from rich.table import Table
 
-    elapsed, read, done, failed, open_ = _snapshot(runner)
-    rate = done / elapsed if elapsed > 0 else 0.0
     table = Table(
-        title=f"{runner.pipeline.name} [{runner.run_id}]  read {read}  done {done}  "
-        f"failed {failed}  in flight {open_}  {rate:,.1f} items/s",
+        title=f"{snap.pipeline} [{snap.run_id}]  read {snap.read}  done {snap.done}  "
+        f"failed {snap.failed}  in flight {snap.in_flight}  {snap.rate:,.1f} items/s",
         title_justify="left",
     )
     for column in ("stage", "kind", "in flight", "cap", "queued", "ok", "failed", "retries"):
         table.add_column(column, justify="left" if column in ("stage", "kind") else "right")
-    for stage in runner.stages:
-        stats = stage.stats
+    for stage in snap.stages:
         table.add_row(
             stage.name,
             stage.kind,
-            str(stage.limiter.borrowed),
-            str(stage.limiter.total),
-            str(stage.inq.qsize()),
-            str(stats.ok),
-            str(stats.failed),
-            str(stats.retries),
+            str(stage.in_flight),
+            str(stage.cap),
+            str(stage.queued),
+            str(stage.ok),
+            str(stage.failed),
+            str(stage.retries),
         )
     return table
 
 
-def _log_line(runner: Runner) -> str:
-    elapsed, read, done, failed, open_ = _snapshot(runner)
-    rate = done / elapsed if elapsed > 0 else 0.0
-    stages = " ".join(
-        f"{s.name}={s.limiter.borrowed}/{s.limiter.total}+q{s.inq.qsize()}" for s in runner.stages
+def _log_line(snap: RunSnapshot) -> str:
+    stages = " ".join(f"{s.name}={s.in_flight}/{s.cap}+q{s.queued}" for s in snap.stages)
+    return (
+        f"progress: read={snap.read} done={snap.done} failed={snap.failed} in_flight={snap.in_flight} "
+        f"rate={snap.rate:.1f}/s {stages}"
     )
-    return f"progress: read={read} done={done} failed={failed} in_flight={open_} rate={rate:.1f}/s {stages}"
 
 
 @contextlib.asynccontextmanager
-async def open_progress(runner: Runner) -> AsyncIterator[None]:
-    """Show progress for the duration of the block."""
-    show = runner.progress
+async def open_progress(
+    snapshot: Callable[[], RunSnapshot], *, show: bool | None, interval: float
+) -> AsyncIterator[None]:
+    """Show progress for the duration of the block.
+
+    Args:
+        snapshot: Returns the run's figures now.
+        show: A live table on stderr; ``None`` shows it when stderr is a terminal. Otherwise a
+            log line every ``interval`` seconds.
+        interval: Seconds between log lines.
+    """
     if show is None:
         show = sys.stderr.isatty()
     if show:
         from rich.console import Console
         from rich.live import Live
 
-        with Live(_table(runner), console=Console(stderr=True), refresh_per_second=4) as live:
+        with Live(_table(snapshot()), console=Console(stderr=True), refresh_per_second=4) as live:
             try:
-                async with _running(_refresh(live, runner)):
+                async with _running(_refresh(live, snapshot)):
                     yield
             finally:
-                live.update(_table(runner))
+                live.update(_table(snapshot()))
         return
-    async with _running(_log_periodically(runner)):
+    async with _running(_log_periodically(snapshot, interval)):
         yield
 
 
@@ -101,16 +131,16 @@ async def _running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
             await task
 
 
-async def _refresh(live: Any, runner: Runner) -> None:
+async def _refresh(live: Any, snapshot: Callable[[], RunSnapshot]) -> None:
     while True:
         await asyncio.sleep(0.25)
-        live.update(_table(runner))
+        live.update(_table(snapshot()))
 
 
-async def _log_periodically(runner: Runner) -> None:
+async def _log_periodically(snapshot: Callable[[], RunSnapshot], interval: float) -> None:
     while True:
-        await asyncio.sleep(runner.pipeline.progress_interval)
-        log.info("%s", _log_line(runner))
+        await asyncio.sleep(interval)
+        log.info("%s", _log_line(snapshot()))
 
 
 def print_summary(report: RunReport, console: Console | None = None) -> None:

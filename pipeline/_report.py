@@ -14,7 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["DeadLetterWriter", "ItemCounts", "LatencyHistogram", "RunReport", "StageReport"]
+__all__ = [
+    "DeadLetterWriter",
+    "ItemCounts",
+    "LatencyHistogram",
+    "RunReport",
+    "StageReport",
+    "find_bottleneck",
+    "utc_now",
+]
 
 # Buckets grow by 2**(1/8) (about 9%), so a percentile is within about 4.5% of the truth;
 # they span 1 µs .. ~10^5 s in 400 counters.
@@ -156,6 +164,25 @@ class RunReport:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         os.replace(tmp, path)
+
+
+def find_bottleneck(stages: list[StageReport], cpu_bound: set[str]) -> dict[str, Any] | None:
+    """The stage that limited the run (the busiest, with blocked time as tie-breaker), why, and
+    what to do about it; ``cpu_bound`` names the stages marked CPU-bound."""
+    if not stages:
+        return None
+    index, top = max(enumerate(stages), key=lambda p: (p[1].busy_ratio, -p[1].blocked_s))
+    upstream_blocked = stages[index - 1].blocked_s if index > 0 else 0.0
+    why = f"{top.busy_ratio:.0%} of its {top.concurrency} slots busy over the run"
+    if upstream_blocked > 0:
+        why += f"; the stage before it waited {upstream_blocked:.1f}s on its full queue"
+    if top.busy_ratio < 0.5:
+        advice = "no stage was saturated: the source, or the number of items, set the pace"
+    elif top.name in cpu_bound and top.concurrency >= (os.cpu_count() or 1):
+        advice = "it is CPU-bound and already at the core count: more cores help, a higher cap does not"
+    else:
+        advice = "raise its concurrency if what it calls can take more"
+    return {"stage": top.name, "reason": f"{why}; {advice}", "busy_ratio": top.busy_ratio}
 
 
 def utc_now() -> str:

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ._contract import Context, is_factory, stage_kind
-from ._definition import Pipeline, Stage
+from ._definition import Stage
 from ._exceptions import ConfigError, Overloaded
+from ._pipeline import Pipeline
 
 __all__ = ["TuneResult", "TuneStep", "add_arguments", "main", "tune", "write_recommendation"]
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ._contract import Item
-from ._definition import Database, Pipeline, Source, Stage
+from ._definition import Database, Source, Stage
+from ._pipeline import Pipeline
 from ._report import RunReport
 
 __all__ = ["Collector", "StageRun", "memory_source", "run_stages", "run_stages_async"]

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.get("pipeline", {})
     run_id = args.run_id or f"{settings.get('name', 'pipeline')}-demo-{time.strftime('%Y%m%dT%H%M%S')}"
 
-    from pipeline._cli import main as pipeline_main  # the `pipeline` command itself
+    from pipeline.cli import main as pipeline_main  # the `pipeline` command itself
 
     files = demo_images()
     with serve(files) as base:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
+import tomllib
 import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +71,18 @@ def test_public_name_has_docstring(name: str) -> None:
             assert (fn.__doc__ or "").strip(), f"pipeline.{name}.{member} has no docstring"
 
 
-def test_package_docstring_explains_layering() -> None:
-    """The package docstring draws the layers, naming every private module."""
+def test_package_docstring_draws_the_checked_layers() -> None:
+    """The package docstring lists every module of the engine, bottom up, in the order of the
+    import-linter layers contract that ``make lint`` checks: the drawing and the check agree."""
+    root = Path(pipeline.__file__ or "").parent
+    modules = {p.stem for p in root.glob("*.py")} - {"__init__", "__main__"}
     doc = pipeline.__doc__ or ""
-    for module in ("_exceptions", "_limiter", "_contract", "_definition", "_runner", "_config", "_cli"):
-        assert module in doc
+    drawn = [m for m in re.findall(r"^    (_?[a-z]+)\s{2,}", doc, flags=re.MULTILINE) if m in modules]
+    assert sorted(drawn) == sorted(modules), "every module appears once in the docstring"
+    config = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    contracts = config["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers" and c["containers"] == ["pipeline"])
+    assert drawn == list(reversed(layers["layers"]))
 
 
 def test_exception_hierarchy() -> None:
@@ -89,3 +100,13 @@ def test_exception_hierarchy() -> None:
 def test_py_typed_marker_is_shipped() -> None:
     """The package carries py.typed so type checkers use its annotations."""
     assert (Path(pipeline.__file__ or "").parent / "py.typed").is_file()
+
+
+@pytest.mark.parametrize("name", [n for n in pipeline.__all__ if isinstance(getattr(pipeline, n), type)])
+def test_public_class_names_its_public_home(name: str) -> None:
+    """A public class that stored data can name (an exception's type in a dead letter) is
+    ``pipeline.<Name>``, not its private module; every public class's type hints resolve."""
+    cls = getattr(pipeline, name)
+    if issubclass(cls, BaseException) or not dataclasses.is_dataclass(cls):
+        assert cls.__module__ == "pipeline"
+    typing.get_type_hints(cls)

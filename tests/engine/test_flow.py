@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline import Pipeline, Retry, Source, Stage, StageTimeout
-from pipeline._runner import Runner
+from pipeline._run import Run
 from pipeline.testing import memory_source, run_stages_async
 from tests.engine.helpers import LimiterSpy, next_or_fail, wait_until
 
@@ -188,7 +188,7 @@ async def test_slot_released_on_graceful_stop_cancellation() -> None:
         grace_period=0.05,
         report_dir=None,
     )
-    runner = Runner(p, progress=False)
+    runner = Run(p, progress=False)
     run = asyncio.create_task(runner.run())
     assert {await next_or_fail(entered, run), await next_or_fail(entered, run)} == {0, 1}
     runner.request_stop(signal.SIGTERM)

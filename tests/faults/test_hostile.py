@@ -76,7 +76,7 @@ def test_broken_images_and_hostile_rows_each_end_ok_or_dead_lettered_with_their_
     }  # fmt: skip
     letters = dead_letters(config, RUN_ID)
     duplicate = [d for d in letters if d["stage"] == "source"]
-    assert [(d["key"], d["error_type"]) for d in duplicate] == [(1, "pipeline._exceptions.SourceError")]
+    assert [(d["key"], d["error_type"]) for d in duplicate] == [(1, "pipeline.SourceError")]
     assert "duplicate key 1" in duplicate[0]["message"]
     by_key = {d["key"]: d for d in letters if d["stage"] != "source"}
     assert sorted(by_key) == bad

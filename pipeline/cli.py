@@ -1,5 +1,9 @@
 """The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``.
 
+A public module: ``pipeline.cli.main(argv)`` is the command itself, for programs that wrap it
+(``python -m stages.demo`` does). It loads and runs pipelines through the public API
+(``load_config``, ``run``), as any program would; its reports and tables are its own.
+
 Exit codes: 0 ok (failures within ``max_failures``), 1 over the threshold or the run failed,
 2 usage or config error, 130 / 143 interrupted by SIGINT / SIGTERM.
 """
@@ -109,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         from ._tune import main as tune
 
         return tune(args)
-    from ._exceptions import ConfigError, PipelineError
+    from . import ConfigError, PipelineError, load_config, run
 
     try:
-        from ._config import load_config
-
         pipeline = load_config(args.config)
         if args.command == "validate":
             stages = ", ".join(s.name for s in pipeline.stages)
@@ -128,32 +130,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    import asyncio
-
     from ._progress import print_summary
-    from ._runner import Runner
 
-    runner = Runner(
-        pipeline,
-        run_id=args.run_id,
-        limit=limit,
-        report_path=args.report,
-        progress=args.progress,
-        retry_failed=getattr(args, "retry_failed", False),
-        only_failed=args.command == "retry",
-    )
+    report = None
     try:
-        asyncio.run(runner.run(handle_signals=True))
+        report = run(
+            pipeline,
+            run_id=args.run_id,
+            limit=limit,
+            report_path=args.report,
+            progress=args.progress,
+            retry_failed=getattr(args, "retry_failed", False),
+            only_failed=args.command == "retry",
+        )
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:
         print(f"run failed: {exc}", file=sys.stderr)
-    except Exception:
+        report = getattr(exc, "report", None)
+    except Exception as exc:
         logging.getLogger("pipeline").exception(
             "run failed with an unexpected error (an engine or stage bug)"
         )
-    report = runner.last_report
+        report = getattr(exc, "report", None)
     if report is None:  # failed before it could report
         return EXIT_FAILED
     print_summary(report)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         from ._metrics import write_textfile
 
         write_textfile(report, metrics)
-    if runner.run_dir is not None:
-        print(f"report: {runner.run_dir / 'report.json'}", file=sys.stderr)
+    if pipeline.report_dir is not None:
+        print(f"report: {pipeline.report_dir / report.run_id / 'report.json'}", file=sys.stderr)
     if report.abandoned_threads:
         # The interpreter would join the stuck threads at exit, forever: leave without them.
         sys.stdout.flush()
