@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["overhead", "images", "memory", "startup", "adaptive"],
+        choices=["overhead", "images", "memory", "startup", "adaptive", "limiter"],
         help="run only this section (repeatable)",
     )
     parser.add_argument("--images", type=int, default=200, help="items in the image batch (default 200)")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench._common import Series, cores, log, median
 
     args = _parser().parse_args(argv)
-    sections = set(args.only or ["overhead", "images", "memory", "startup", "adaptive"])
+    sections = set(args.only or ["overhead", "images", "memory", "startup", "adaptive", "limiter"])
     quick = args.quick
     console = Console(width=None if sys.stdout.isatty() else 120)
     results: dict[str, Any] = {
@@ -154,6 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         peer = tchain["pypeln threads"]
         versus_peer = tchain["pipeline"].ratio_to(peer) if not peer.note else float("nan")
         targets.append(_target("thread no-op chain / pypeln threads", versus_peer, ">=", 1.0))
+
+    if "limiter" in sections:
+        from bench import limiter
+
+        n = 20_000 if quick else 200_000
+        log(f"limiter: {n} acquire/release pairs per case, ours against anyio's")
+        figures = limiter.measure(n=n, reps=1 if quick else 3)
+        results["limiter"] = figures
+        table = Table(title="1b. CapacityLimiter: microseconds per acquire/release", title_justify="left")
+        for column in ("limiter", "uncontended us", "8 tasks on 4 slots us"):
+            table.add_column(column, justify="left" if column == "limiter" else "right")
+        for name, row in figures.items():
+            table.add_row(name, f"{row['uncontended_us']:.2f}", f"{row['contended_us']:.2f}")
+        console.print(table)
 
     if "images" in sections:
         reps = args.reps or (1 if quick else 3)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._adaptive import Auto, check_cap
-from ._contract import Kind, describe, is_factory, stage_kind
+from ._contract import DatabaseHandle, Kind, describe, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
+from ._limiter import CapacityLimiter
 
 __all__ = [
     "Database",
@@ -108,6 +109,15 @@ class Database:
 
     def __post_init__(self) -> None:
         check_cap("concurrency", self.concurrency)
+
+    def handle(self, name: str) -> DatabaseHandle:
+        """This entry as a run's stages see it, named ``name``, with a new shared limiter."""
+        return DatabaseHandle(
+            name=name,
+            dsn=self.dsn,
+            limiter=CapacityLimiter(self.concurrency, name=f"database {name!r}"),
+            options=self.options,
+        )
 
 
 def validate_options(

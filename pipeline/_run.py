@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._adaptive import Auto
-from ._contract import Context, DatabaseHandle, SharedResources, describe, is_factory, stage_kind, workload
+from ._contract import Context, SharedResources, describe, is_factory, stage_kind, workload
 from ._definition import LedgerStore, PipelineDefinition
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
@@ -130,15 +130,7 @@ class Run:
         )
         self.tally = Tally(DeadLetterWriter(dead_path, self.run_id))
         # One limiter per database, shared by every stage that touches it.
-        self._databases = {
-            name: DatabaseHandle(
-                name=name,
-                dsn=db.dsn,
-                limiter=CapacityLimiter(db.concurrency, name=f"database {name!r}"),
-                options=db.options,
-            )
-            for name, db in pipeline.databases.items()
-        }
+        self._databases = {name: db.handle(name) for name, db in pipeline.databases.items()}
         self.stages: list[StageRun] = []
         self.ledger: RunLedger | None = None
         self.started = time.perf_counter()

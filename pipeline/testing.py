@@ -15,19 +15,21 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._contract import Item
+from ._contract import Context, Item, SharedResources
 from ._definition import Database, Source, Stage
+from ._limiter import CapacityLimiter
 from ._pipeline import Pipeline
 from ._report import RunReport
 
-__all__ = ["Collector", "StageRun", "memory_source", "run_stages", "run_stages_async"]
+__all__ = ["Collector", "StageRun", "memory_source", "open_context", "run_stages", "run_stages_async"]
 
 
 def memory_source(items: Iterable[Item], *, key: str = "id") -> Source:
@@ -100,3 +102,41 @@ async def run_stages_async(
 def run_stages(items: Iterable[Item], *stages: Stage, **kwargs: Any) -> StageRun:
     """Run ``items`` through ``stages`` in a new event loop (see :func:`run_stages_async`)."""
     return asyncio.run(run_stages_async(items, *stages, **kwargs))
+
+
+@contextlib.asynccontextmanager
+async def open_context(
+    *,
+    stage: str = "stage",
+    concurrency: int = 1,
+    databases: Mapping[str, Database] | None = None,
+    pipeline: str = "test",
+    run_id: str = "test",
+) -> AsyncIterator[Context]:
+    """The :class:`~pipeline.Context` a run hands a factory, for unit-testing a factory stage.
+
+    Each database gets its own shared limiter, as in a run; whatever the factory opens with
+    ``ctx.shared(...)`` is closed when the block ends. Example::
+
+        async with open_context(stage="download", concurrency=4) as ctx:
+            async with download(ctx, timeout=5) as fetch:
+                item = await asyncio.to_thread(fetch, {"id": 1, "url": url})
+
+    Args:
+        stage: The stage's name.
+        concurrency: The stage's cap (``ctx.limiter.total``).
+        databases: ``[databases]`` entries, by name.
+        pipeline: The pipeline's name.
+        run_id: The run's id.
+    """
+    shared = SharedResources()
+    handles = {name: db.handle(name) for name, db in (databases or {}).items()}
+    async with shared.stack:
+        yield Context(
+            pipeline=pipeline,
+            run_id=run_id,
+            stage=stage,
+            limiter=CapacityLimiter(concurrency, name=f"stage {stage!r}"),
+            databases=handles,
+            shared=shared,
+        )

@@ -31,6 +31,7 @@ from pipeline import (
     TransientError,
     factory,
 )
+from pipeline._run import Run
 from pipeline.testing import memory_source, run_stages_async
 
 
@@ -135,6 +136,33 @@ async def test_retry_after_pauses_the_whole_stage() -> None:
     assert len(later) >= 5  # the retry of item 1 and items 3..6 all waited for the pause
     clock_slack = 0.01
     assert min(later) >= t0 + delay - clock_slack
+
+
+async def test_the_pause_gate_opens_when_the_pause_ends() -> None:
+    """After a RetryAfter pause ends, the stage's gate is open again: later items go straight
+    to their attempt (the gate once stayed shut in effect, sending every item the slow way)."""
+    paused_during: list[bool] = []
+    run: Run | None = None
+
+    async def limited(item: dict[str, Any]) -> dict[str, Any]:
+        assert run is not None
+        paused_during.append(run.stages[0].paused)
+        if item["id"] == 1 and len(paused_during) == 1:
+            raise RetryAfter(0.01)
+        return item
+
+    p = Pipeline(
+        source=memory_source(items(50)),
+        stages=[Stage(limited, retry=fast_retry(2))],
+        report_dir=None,
+        ledger=False,
+    )
+    run = Run(p, progress=False)
+    report = await run.run()
+    assert report.items.ok == 50
+    assert paused_during[0] is False
+    assert paused_during[1:] == [False] * 50  # the retry of item 1 and every later item: open
+    assert not run.stages[0].paused
 
 
 # -- dead letters and skips -----------------------------------------------------------------

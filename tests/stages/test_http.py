@@ -22,9 +22,7 @@ import requests.adapters
 
 import stages.http
 from pipeline import (
-    CapacityLimiter,
     ConfigError,
-    Context,
     Item,
     Retry,
     RetryAfter,
@@ -32,8 +30,7 @@ from pipeline import (
     StageTimeout,
     TransientError,
 )
-from pipeline._contract import SharedResources
-from pipeline.testing import run_stages_async
+from pipeline.testing import open_context, run_stages_async
 from stages.http import (
     DownloadError,
     _HostCheck,
@@ -52,20 +49,11 @@ POOL_FULL = "Connection pool is full"
 
 @pytest.fixture
 async def open_download() -> AsyncIterator[OpenDownload]:
-    """Enter ``download`` with a hand-built Context; every stage opened is closed after the test."""
+    """Enter ``download`` with a test Context; every stage opened is closed after the test."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def open_(*, concurrency: int = 4, **options: Any) -> Fetch:
-            shared = SharedResources()
-            stack.push_async_callback(shared.stack.aclose)
-            ctx = Context(
-                pipeline="t",
-                run_id="r1",
-                stage="download",
-                limiter=CapacityLimiter(concurrency),
-                databases={},
-                shared=shared,
-            )
+            ctx = await stack.enter_async_context(open_context(stage="download", concurrency=concurrency))
             fetch: Fetch = await stack.enter_async_context(download(ctx, trust_env=False, **options))
             return fetch
 
@@ -704,14 +692,10 @@ async def test_pool_full_detector_sees_a_shared_undersized_pool(
 async def test_closing_the_stage_closes_every_session(http_server: LoopbackServer) -> None:
     """When the factory exits, every thread's session is closed and its connections with it."""
     url = http_server.add("/a.jpg", b"x")
-    shared = SharedResources()
-    ctx = Context(
-        pipeline="t", run_id="r1", stage="download", limiter=CapacityLimiter(3), databases={}, shared=shared
-    )
-    async with download(ctx, trust_env=False) as fetch:
-        await run_gated(http_server, fetch, url, 3)
-        assert http_server.open_connections == 3
-    await shared.stack.aclose()
+    async with open_context(stage="download", concurrency=3) as ctx:
+        async with download(ctx, trust_env=False) as fetch:
+            await run_gated(http_server, fetch, url, 3)
+            assert http_server.open_connections == 3
 
     await asyncio.to_thread(http_server.wait_until, lambda: http_server.open_connections == 0)
 
