@@ -248,11 +248,9 @@ class StageRun:
 
     async def _attempt_async(self, item: dict[str, Any]) -> Any:
         """One attempt of an async stage, on the event loop."""
-        if self._rate is not None:
-            await self._rate.acquire()
         limiter = self.limiter
-        if not limiter.acquire_nowait():
-            await limiter.acquire()
+        if self._rate is not None or not limiter.acquire_nowait():
+            await self._take_slot()
         start = time.perf_counter()
         try:
             if self._timeout is None:
@@ -269,6 +267,13 @@ class StageRun:
             self._check(result)
         return result
 
+    async def _take_slot(self) -> None:
+        """A rate token (if the stage has a ``rate``), then a slot of the stage's cap."""
+        if self._rate is not None:
+            await self._rate.acquire()
+        if not self.limiter.acquire_nowait():
+            await self.limiter.acquire()
+
     async def _collect(self, item: dict[str, Any]) -> list[Any]:
         return [child async for child in self.fn(item)]
 
@@ -280,11 +285,9 @@ class StageRun:
         loop's default, which to_thread uses) keeps the concurrent future, so the slot is
         released when the thread is done, never earlier: the cap holds even for abandoned calls.
         """
-        if self._rate is not None:
-            await self._rate.acquire()
         limiter = self.limiter
-        if not limiter.acquire_nowait():
-            await limiter.acquire()
+        if self._rate is not None or not limiter.acquire_nowait():
+            await self._take_slot()
         start = time.perf_counter()
         cfut = self._executor.submit(contextvars.copy_context().run, self._invoke_thread, item)
         released_later = False
