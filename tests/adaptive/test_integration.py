@@ -6,11 +6,62 @@ machine may be busy: these check direction and order of magnitude, the bench the
 
 from __future__ import annotations
 
-from pipeline import Auto, Pipeline, Retry, RunReport, Source, Stage
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pipeline import Auto, CapacityLimiter, Context, Item, Pipeline, Retry, RunReport, Source, Stage, factory
 
 from .servers import KneeServer, fetch
 
 RETRY = Retry(attempts=50, backoff=0.02, max_backoff=0.2, jitter=0.02)
+
+
+class Answers:
+    """The answers a stage got and the cap the last one saw, for a test to wait on."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.limit = 0
+        self._changed = asyncio.Event()
+
+    def note(self, limiter: CapacityLimiter) -> None:
+        """Count one answer; called on the loop, so ``limiter`` is read where it is written."""
+        self.count += 1
+        self.limit = limiter.total
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], bool], run: asyncio.Task[Any]) -> None:
+        """Wait for an answer after which ``predicate()`` holds; fail if ``run`` ends first."""
+        while not predicate():
+            self._changed.clear()
+            waiter = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                raise AssertionError(f"the run ended while the test waited: {run.result()!r}")
+
+
+def watched(answers: Answers) -> Callable[..., Any]:
+    """:func:`fetch`, telling ``answers`` of each answer and the stage's cap at that moment."""
+
+    @factory
+    @contextlib.asynccontextmanager
+    async def fetch_watched(ctx: Context) -> AsyncIterator[Callable[[Item], Item]]:
+        loop = asyncio.get_running_loop()
+        limiter = ctx.limiter
+        assert limiter is not None
+        async with fetch(ctx) as get:
+
+            def call(item: Item) -> Item:
+                out = get(item)
+                loop.call_soon_threadsafe(answers.note, limiter)
+                return out
+
+            yield call
+
+    return fetch_watched
 
 
 async def run(server: KneeServer, n: int, concurrency: int | Auto, rate: str | None = None) -> RunReport:
@@ -61,11 +112,38 @@ async def test_rate_keeps_a_fixed_cap_off_the_wall() -> None:
 
 
 async def test_auto_follows_capacity_down() -> None:
-    """When the knee drops from 32 to 4 mid-run, the limit ends at most 16 after having been
-    above that."""
-    with KneeServer(base=0.02, knee=32, degrade=0.3, shift_after=300, shift_to=4) as server:
-        report = await run(server, 500, Auto(max=64))
+    """When the knee drops from 32 to 4 while the limit is above 16, the limit is at most 16
+    once 200 more answers have come back.
+
+    The test makes the shift itself, at the first answer that shows the limit above 16, and
+    ends the source after a count of answers, so no step races the clock. Answers take 50 ms,
+    not 20: at 20 ms, 32 in flight keep the client and server threads of a 2-core machine so
+    busy that their own queueing looks like a knee near 16, and the limit may never pass it.
+    """
+    answers = Answers()
+    stop = asyncio.Event()
+    with KneeServer(base=0.05, knee=32, degrade=0.3) as server:
+        url = server.url()
+
+        async def source() -> AsyncIterator[dict[str, object]]:
+            i = 0
+            while not stop.is_set():
+                yield {"id": i, "url": url}
+                i += 1
+
+        stage = Stage(watched(answers), name="fetch", concurrency=Auto(max=64), retry=RETRY, timeout=10.0)
+        pipeline = Pipeline(Source(source), [stage], name="adaptive-test", report_dir=None)
+        running = asyncio.create_task(pipeline.run_async(progress=False))
+        try:
+            await answers.until(lambda: answers.limit > 16 or answers.count >= 3000, running)
+            assert answers.limit > 16, f"the limit never went above 16 in {answers.count} answers"
+            shifted_at = answers.count
+            server.shift(4)
+            await answers.until(lambda: answers.count >= shifted_at + 200, running)
+        finally:
+            stop.set()  # the source ends, the run drains, even when the test failed
+            report = await running
     trace = report.stages[0].limit_trace
-    assert report.items.ok == 500
+    assert report.items.ok == report.items.read
     assert max(limit for _, limit in trace) > 16
-    assert trace[-1][1] <= 16
+    assert trace[-1][1] <= 16, f"limit trace after the shift: {trace}"
