@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pipeline import Auto, CapacityLimiter, Context, Database, Pipeline, Source, Stage, factory
-from pipeline.testing import memory_source
+from pipeline.testing import memory_source, open_context
 
 CEILING = 6
 """The database's concurrency. Not a power of two, so slow start (1, 2, 4, 8) must be cut
@@ -145,10 +145,8 @@ async def test_auto_stage_using_a_database_never_grows_past_its_concurrency() ->
 
 async def test_cap_at_lowers_the_ceiling_only() -> None:
     """cap_at keeps the lowest ceiling declared."""
-    from pipeline._contract import SharedResources
-
-    ctx = Context(pipeline="p", run_id="r", stage="s", limiter=None, databases={}, shared=SharedResources())
-    ctx.cap_at(10)
-    ctx.cap_at(4)
-    ctx.cap_at(7)
-    assert ctx.ceiling == 4
+    async with open_context() as ctx:
+        ctx.cap_at(10)
+        ctx.cap_at(4)
+        ctx.cap_at(7)
+        assert ctx.ceiling == 4
