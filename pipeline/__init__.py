@@ -7,7 +7,7 @@ The layers, bottom up (each imports only those below it)::
     _contract     the stage contract: Item, StageFunction, Context, @factory
     _definition   Pipeline, Source, Stage, Retry, Database: the pipeline as data, checked on creation
     _report       statistics, RunReport, dead letters
-    _ledger       RunLedger, the ledger contract, and the default SQLite ledger
+    _ledger       RunLedger, the ledger contract; its one stored layout (LedgerSQL); the SQLite ledger
     _runner       the run: bounded queues, worker pools under caps, retries, graceful stop
     _config       config.toml -> Pipeline (tomllib + pydantic)
     _progress     live progress and the summary table (rich)
@@ -33,7 +33,16 @@ from ._exceptions import (
     StageTimeout,
     TransientError,
 )
-from ._ledger import BufferedLedger, RunLedger, encode_key
+from ._ledger import (
+    LEDGER_ITEMS,
+    LEDGER_RUNS,
+    BufferedLedger,
+    LedgerColumn,
+    LedgerSQL,
+    LedgerTable,
+    RunLedger,
+    encode_key,
+)
 from ._limiter import CapacityLimiter, LimiterStatistics
 from ._report import ItemCounts, RunReport, StageReport
 
@@ -45,9 +54,13 @@ __all__ = [
     "Context",
     "Database",
     "DatabaseHandle",
+    "LEDGER_ITEMS",
     "Item",
     "ItemCounts",
+    "LedgerColumn",
+    "LedgerSQL",
     "LedgerStore",
+    "LedgerTable",
     "LimiterStatistics",
     "Pipeline",
     "Overloaded",
@@ -55,6 +68,7 @@ __all__ = [
     "ResourceError",
     "Retry",
     "RetryAfter",
+    "LEDGER_RUNS",
     "RunLedger",
     "RunReport",
     "Skip",

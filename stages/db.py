@@ -1185,10 +1185,10 @@ class TableLedger(BufferedLedger):
             found.update((str(r["k"]), str(r["state"])) for r in rows)
         return [None if k is None else found.get(k) for k in encoded]
 
-    def _timestamp(self) -> Any:
+    def timestamp(self) -> Any:
         return self._time()
 
-    async def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+    async def write_batch(self, batch: list[tuple[Any, ...]]) -> None:
         """Upsert ``batch`` in one transaction."""
         await self.db.execute_many(self._upsert, batch, action="writing the ledger")
 
