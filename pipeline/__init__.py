@@ -9,7 +9,8 @@ checks it with import-linter)::
     _adaptive     Auto and the controllers behind concurrency = "auto"
     _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
     _report       statistics, RunReport, dead letters, bottleneck advice
-    _ledger       RunLedger (the ledger contract), BufferedLedger, the default SQLite ledger
+    _ledger       RunLedger (the ledger contract), BufferedLedger, its one stored layout (LedgerSQL),
+                  the default SQLite ledger
     _progress     live progress and the summary table (rich), rendered from a snapshot
     _tickets      every item's ticket and the tally that ends each exactly once
     _stage        one stage at run time: its workers, the one attempt path, retries, pauses
@@ -47,7 +48,16 @@ from ._exceptions import (
     StageTimeout,
     TransientError,
 )
-from ._ledger import BufferedLedger, RunLedger, encode_key
+from ._ledger import (
+    LEDGER_ITEMS,
+    LEDGER_RUNS,
+    BufferedLedger,
+    LedgerColumn,
+    LedgerSQL,
+    LedgerTable,
+    RunLedger,
+    encode_key,
+)
 from ._limiter import CapacityLimiter, LimiterStatistics
 from ._pipeline import Pipeline
 from ._report import ItemCounts, RunReport, StageReport
@@ -61,9 +71,13 @@ __all__ = [
     "Context",
     "Database",
     "DatabaseHandle",
+    "LEDGER_ITEMS",
     "Item",
     "ItemCounts",
+    "LedgerColumn",
+    "LedgerSQL",
     "LedgerStore",
+    "LedgerTable",
     "LimiterStatistics",
     "Pipeline",
     "Overloaded",
@@ -71,6 +85,7 @@ __all__ = [
     "ResourceError",
     "Retry",
     "RetryAfter",
+    "LEDGER_RUNS",
     "RunLedger",
     "RunReport",
     "Skip",

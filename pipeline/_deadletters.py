@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ConfigError
-from ._ledger import Ledger, encode_key
+from ._ledger import SqliteLedger, encode_key
 from ._pipeline import Pipeline
 
 __all__ = ["FailureGroup", "group_dead_letters", "latest_run_id"]
@@ -62,7 +62,7 @@ def group_dead_letters(pipeline: Pipeline, run_id: str) -> list[FailureGroup]:
     still_failed: set[str] | None = None
     ledger_path = pipeline.ledger_path
     if ledger_path is not None and ledger_path.exists():
-        ledger = Ledger(ledger_path, pipeline=pipeline.name, run_id=run_id)
+        ledger = SqliteLedger(ledger_path, pipeline=pipeline.name, run_id=run_id)
         try:
             still_failed = {key for key, *_ in ledger.failed()}
         finally:

@@ -4,7 +4,9 @@ The engine talks to a ledger only through :class:`RunLedger`. The default is :cl
 an embedded SQLite file; ``[pipeline] ledger = { use = "module:factory", ... }`` plugs in another
 (``stages.db:mysql_ledger`` keeps it in a MySQL table, for runs shared by several workers).
 
-The SQLite file (``[pipeline] ledger``, by default ``<report_dir>/ledger.sqlite``)::
+The stored layout, the same in every SQL store (:data:`LEDGER_ITEMS` and :data:`LEDGER_RUNS` describe it once,
+and :class:`LedgerSQL` renders its tables and statements; the SQLite file, by default
+``<report_dir>/ledger.sqlite``, uses the names ``items`` and ``runs``)::
 
     items(run_id, key, state, attempts, stage, error, updated_at)   one row per item and run
     runs(run_id, pipeline, status, started_at, finished_at, watermark)
@@ -24,13 +26,25 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._report import utc_now
 
-__all__ = ["Ledger", "RunLedger", "SqliteLedger", "encode_key", "open_sqlite_ledger"]
+__all__ = [
+    "LEDGER_ITEMS",
+    "LEDGER_RUNS",
+    "BufferedLedger",
+    "LedgerColumn",
+    "LedgerSQL",
+    "LedgerTable",
+    "RunLedger",
+    "SqliteLedger",
+    "encode_key",
+    "open_sqlite_ledger",
+]
 
 
 @runtime_checkable
@@ -85,26 +99,166 @@ class RunLedger(Protocol):
         ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    stage TEXT,
-    error TEXT,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (run_id, key)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    pipeline TEXT NOT NULL,
-    status TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    watermark TEXT
-);
-"""
+@dataclass(frozen=True)
+class LedgerColumn:
+    """One column of the ledger's stored layout, in terms any SQL store maps to its own types.
+
+    Attributes:
+        name: The column's name.
+        type: ``"text"``, ``"integer"`` or ``"timestamp"`` (the store picks the representation:
+            ISO 8601 text in SQLite).
+        nullable: Whether the column may be NULL.
+        max_length: The longest text the column must hold, for stores that size text columns
+            (``None``: unbounded).
+    """
+
+    name: str
+    type: Literal["text", "integer", "timestamp"]
+    nullable: bool = False
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class LedgerTable:
+    """One table of the ledger's stored layout.
+
+    Attributes:
+        name: Its name in the default SQLite file; other stores may name it otherwise.
+        columns: Its columns, in order.
+        key: The primary key's columns; every write is an upsert on them.
+    """
+
+    name: str
+    columns: tuple[LedgerColumn, ...]
+    key: tuple[str, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The columns' names, in order."""
+        return tuple(c.name for c in self.columns)
+
+
+# Keys and run ids fit in 255 characters, so two of them make an index any SQL store accepts.
+LEDGER_ITEMS = LedgerTable(
+    "items",
+    (
+        LedgerColumn("run_id", "text", max_length=255),
+        LedgerColumn("key", "text", max_length=255),
+        LedgerColumn("state", "text", max_length=16),
+        LedgerColumn("attempts", "integer"),
+        LedgerColumn("stage", "text", nullable=True, max_length=255),
+        LedgerColumn("error", "text", nullable=True),
+        LedgerColumn("updated_at", "timestamp"),
+    ),
+    key=("run_id", "key"),
+)
+"""One row per item and run: the row :meth:`BufferedLedger.record` queues, column for column."""
+
+LEDGER_RUNS = LedgerTable(
+    "runs",
+    (
+        LedgerColumn("run_id", "text", max_length=255),
+        LedgerColumn("pipeline", "text", max_length=255),
+        LedgerColumn("status", "text", max_length=32),
+        LedgerColumn("started_at", "timestamp"),
+        LedgerColumn("finished_at", "timestamp", nullable=True),
+        LedgerColumn("watermark", "text", nullable=True),
+    ),
+    key=("run_id",),
+)
+"""One row per run id: how it ended, and its watermark."""
+
+
+class LedgerSQL:
+    """The ledger's tables and statements for one SQL store, with ``?`` placeholders.
+
+    Both built-in ledgers use it, so the layout and the upserts are written once: the default
+    renders SQLite's dialect (the :class:`SqliteLedger` file). A store with another dialect
+    subclasses it and overrides the hooks, :meth:`quote`, :meth:`column_type`,
+    :meth:`new_value`, :meth:`on_conflict` and :meth:`create_table`; the statements are built
+    from them when the object is made.
+
+    Args:
+        items: The name of the :data:`LEDGER_ITEMS` table in this store.
+        runs: The name of the :data:`LEDGER_RUNS` table in this store.
+
+    Attributes:
+        create: The ``CREATE TABLE IF NOT EXISTS`` statements, items first.
+        record: Upsert one item row; parameters in :data:`LEDGER_ITEMS` column order.
+        start_run: Note a run id (re)started; parameters ``(run_id, pipeline, started_at)``.
+        finish_run: Note how it ended; parameters ``(status, finished_at, watermark, run_id)``.
+        has_items: One row if the run id has items; parameters ``(run_id,)``.
+        state: ``state`` of one key; parameters ``(run_id, key)``.
+        counts: ``(state, n)`` rows; parameters ``(run_id,)``.
+        failed: ``(k, attempts, stage, error)`` rows of failed items by key; parameters ``(run_id,)``.
+        last_watermark: ``watermark`` of the pipeline's last ok run; parameters ``(pipeline,)``.
+    """
+
+    def __init__(self, items: str = LEDGER_ITEMS.name, runs: str = LEDGER_RUNS.name) -> None:
+        q = self.quote
+        self.items = q(items)
+        self.runs = q(runs)
+        key = q("key")
+        self.create = (self.create_table(LEDGER_ITEMS, self.items), self.create_table(LEDGER_RUNS, self.runs))
+        updates = {c: self.new_value(c) for c in LEDGER_ITEMS.column_names if c not in LEDGER_ITEMS.key}
+        columns = ", ".join(q(c) for c in LEDGER_ITEMS.column_names)
+        values = ", ".join("?" for _ in LEDGER_ITEMS.columns)
+        self.record = (
+            f"INSERT INTO {self.items} ({columns}) VALUES ({values}) "
+            f"{self.on_conflict(LEDGER_ITEMS.key, updates)}"
+        )
+        restart = {"status": "'running'", "finished_at": "NULL"}
+        self.start_run = (
+            f"INSERT INTO {self.runs} (run_id, pipeline, status, started_at) "
+            f"VALUES (?, ?, 'running', ?) {self.on_conflict(LEDGER_RUNS.key, restart)}"
+        )
+        self.finish_run = (
+            f"UPDATE {self.runs} SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) "
+            "WHERE run_id = ?"
+        )
+        self.has_items = f"SELECT 1 AS x FROM {self.items} WHERE run_id = ? LIMIT 1"
+        self.state = f"SELECT state FROM {self.items} WHERE run_id = ? AND {key} = ?"
+        self.counts = f"SELECT state, COUNT(*) AS n FROM {self.items} WHERE run_id = ? GROUP BY state"
+        self.failed = (
+            f"SELECT {key} AS k, attempts, stage, error FROM {self.items} "
+            f"WHERE run_id = ? AND state = 'failed' ORDER BY {key}"
+        )
+        self.last_watermark = (
+            f"SELECT watermark FROM {self.runs} WHERE pipeline = ? AND status = 'ok' "
+            "AND watermark IS NOT NULL ORDER BY finished_at DESC LIMIT 1"
+        )
+
+    def states(self, count: int) -> str:
+        """``(k, state)`` rows for ``count`` keys; parameters ``(run_id, key, ...)``."""
+        key = self.quote("key")
+        marks = ", ".join("?" for _ in range(count))
+        return f"SELECT {key} AS k, state FROM {self.items} WHERE run_id = ? AND {key} IN ({marks})"
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def quote(self, name: str) -> str:
+        """Quote a table or column name (only ever a plain identifier)."""
+        return f'"{name}"'
+
+    def column_type(self, table: LedgerTable, column: LedgerColumn) -> str:
+        """The column's type and nullability in a ``CREATE TABLE``."""
+        kind = "INTEGER" if column.type == "integer" else "TEXT"
+        return kind if column.nullable else f"{kind} NOT NULL"
+
+    def new_value(self, column: str) -> str:
+        """In an upsert's update, the value the conflicting insert brought for ``column``."""
+        return f"excluded.{self.quote(column)}"
+
+    def on_conflict(self, key: Sequence[str], assignments: Mapping[str, str]) -> str:
+        """The clause that turns an ``INSERT`` into an upsert on ``key``, setting ``assignments``."""
+        sets = ", ".join(f"{self.quote(c)} = {value}" for c, value in assignments.items())
+        return f"ON CONFLICT ({', '.join(self.quote(c) for c in key)}) DO UPDATE SET {sets}"
+
+    def create_table(self, table: LedgerTable, name: str) -> str:
+        """The ``CREATE TABLE IF NOT EXISTS`` statement for ``table``, named ``name`` (quoted)."""
+        columns = [f"{self.quote(c.name)} {self.column_type(table, c)}" for c in table.columns]
+        key = ", ".join(self.quote(c) for c in table.key)
+        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(columns)}, PRIMARY KEY ({key}))"
 
 
 def encode_key(key: object) -> str:
@@ -115,10 +269,16 @@ def encode_key(key: object) -> str:
 class BufferedLedger:
     """Base for a :class:`RunLedger` that buffers records and writes them in batches.
 
-    :meth:`record` queues a row ``(run_id, key as JSON, state, attempts, stage, error, time)``;
-    :meth:`flush` hands what is queued to :meth:`_write_batch` (one transaction), and keeps the
-    rows for the next flush if that fails. A subclass sets ``run_id``, implements
-    :meth:`_write_batch`, and may override :meth:`_timestamp`.
+    :meth:`record` queues a row of :data:`LEDGER_ITEMS` (``run_id``, key as JSON, ``state``,
+    ``attempts``, ``stage``, ``error``, ``updated_at``); :meth:`flush` hands what is queued to
+    :meth:`write_batch`, and keeps the rows for the next flush if that fails.
+
+    A subclass sets ``run_id`` and fills in the extension points:
+
+    * :meth:`write_batch` (required): write the rows in one transaction, for example with
+      :attr:`LedgerSQL.record`.
+    * :meth:`timestamp` (optional): the ``updated_at`` value of a row recorded now, in the
+      store's representation; ISO 8601 UTC text by default.
     """
 
     run_id: str
@@ -127,17 +287,17 @@ class BufferedLedger:
         self._pending: list[tuple[Any, ...]] = []
         self._lock = asyncio.Lock()
 
-    def _timestamp(self) -> Any:
-        """The value of the ``updated_at`` column for a row recorded now."""
+    def timestamp(self) -> Any:
+        """The value of the ``updated_at`` column for a row recorded now (ISO 8601 UTC text)."""
         return utc_now()
 
-    async def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
-        """Write ``batch`` in one transaction."""
+    async def write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Write ``batch`` (rows of :data:`LEDGER_ITEMS`) in one transaction; a subclass must implement it."""
         raise NotImplementedError
 
     def record(self, key: object, state: str, attempts: int, stage: str | None, error: str | None) -> None:
         """Queue one item's final state for the next :meth:`flush`."""
-        self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, self._timestamp()))
+        self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, self.timestamp()))
 
     async def flush(self) -> None:
         """Write everything recorded so far; on failure keep it for the next flush."""
@@ -146,7 +306,7 @@ class BufferedLedger:
                 return
             batch, self._pending = self._pending, []
             try:
-                await self._write_batch(batch)
+                await self.write_batch(batch)
             except BaseException:
                 self._pending[:0] = batch
                 raise
@@ -179,9 +339,11 @@ class SqliteLedger(BufferedLedger):
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._sql = LedgerSQL()
+        for ddl in self._sql.create:
+            self._db.execute(ddl)
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        row = self._reader.execute("SELECT 1 FROM items WHERE run_id = ? LIMIT 1", (run_id,)).fetchone()
+        row = self._reader.execute(self._sql.has_items, (run_id,)).fetchone()
         self.resuming = row is not None
         """Whether this run id has recorded items already (a rerun)."""
 
@@ -189,9 +351,7 @@ class SqliteLedger(BufferedLedger):
 
     def state(self, key: object) -> str | None:
         """This run's recorded state of ``key``, or ``None``."""
-        row = self._reader.execute(
-            "SELECT state FROM items WHERE run_id = ? AND key = ?", (self.run_id, encode_key(key))
-        ).fetchone()
+        row = self._reader.execute(self._sql.state, (self.run_id, encode_key(key))).fetchone()
         return None if row is None else str(row[0])
 
     async def states(self, keys: Sequence[object]) -> list[str | None]:
@@ -206,27 +366,17 @@ class SqliteLedger(BufferedLedger):
 
     def failed(self) -> list[tuple[str, int, str | None, str | None]]:
         """This run's failed items: ``(key as JSON, attempts, stage, error)``."""
-        rows = self._reader.execute(
-            "SELECT key, attempts, stage, error FROM items "
-            "WHERE run_id = ? AND state = 'failed' ORDER BY key",
-            (self.run_id,),
-        ).fetchall()
+        rows = self._reader.execute(self._sql.failed, (self.run_id,)).fetchall()
         return [(str(k), int(a), s, e) for k, a, s, e in rows]
 
     async def counts(self) -> dict[str, int]:
         """How many of this run's items are in each state."""
-        rows = self._reader.execute(
-            "SELECT state, COUNT(*) FROM items WHERE run_id = ? GROUP BY state", (self.run_id,)
-        ).fetchall()
+        rows = self._reader.execute(self._sql.counts, (self.run_id,)).fetchall()
         return {str(s): int(n) for s, n in rows}
 
     async def last_watermark(self) -> str | None:
         """The watermark of this pipeline's last successful run, if any."""
-        row = self._reader.execute(
-            "SELECT watermark FROM runs WHERE pipeline = ? AND status = 'ok' AND watermark IS NOT NULL "
-            "ORDER BY finished_at DESC LIMIT 1",
-            (self.pipeline,),
-        ).fetchone()
+        row = self._reader.execute(self._sql.last_watermark, (self.pipeline,)).fetchone()
         return None if row is None else str(row[0])
 
     # -- writing -------------------------------------------------------------------------
@@ -234,46 +384,30 @@ class SqliteLedger(BufferedLedger):
     def _write(self, batch: Iterable[tuple[Any, ...]]) -> None:
         self._db.execute("BEGIN")
         try:
-            self._db.executemany(
-                "INSERT INTO items (run_id, key, state, attempts, stage, error, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, key) DO UPDATE SET "
-                "state = excluded.state, attempts = excluded.attempts, stage = excluded.stage, "
-                "error = excluded.error, updated_at = excluded.updated_at",
-                batch,
-            )
+            self._db.executemany(self._sql.record, batch)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
 
-    async def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+    async def write_batch(self, batch: list[tuple[Any, ...]]) -> None:
         """Commit ``batch`` off the event loop."""
         await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
 
     async def start_run(self, started_at: str) -> None:
         """Note that this run id started (again)."""
-        self._db.execute(
-            "INSERT INTO runs (run_id, pipeline, status, started_at) VALUES (?, ?, 'running', ?) "
-            "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL",
-            (self.run_id, self.pipeline, started_at),
-        )
+        self._db.execute(self._sql.start_run, (self.run_id, self.pipeline, started_at))
 
     async def finish_run(self, status: str, watermark: str | None) -> None:
         """Note how this run ended, and its watermark when it succeeded."""
         self._db.execute(
-            "UPDATE runs SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) "
-            "WHERE run_id = ?",
-            (status, utc_now(), watermark if status == "ok" else None, self.run_id),
+            self._sql.finish_run, (status, utc_now(), watermark if status == "ok" else None, self.run_id)
         )
 
     def close(self) -> None:
         """Close the connections (after a final :meth:`flush`)."""
         self._reader.close()
         self._db.close()
-
-
-Ledger = SqliteLedger
-"""The SQLite ledger's former name."""
 
 
 @contextlib.asynccontextmanager

@@ -95,10 +95,10 @@ def test_since_without_watermark_column_is_a_config_error(tmp_path: Path) -> Non
         (
             "watermark_column",
             "updated_at; DROP TABLE catalog",
-            "watermark_column must be a plain SQL identifier",
+            "option 'watermark_column' = 'updated_at; DROP TABLE catalog' is invalid",
         ),
-        ("reconnect_attempts", 0, "reconnect_attempts must be an integer >= 1"),
-        ("reconnect_backoff", -1, "reconnect_backoff must be a number of seconds >= 0"),
+        ("reconnect_attempts", 0, "option 'reconnect_attempts' = 0 is invalid"),
+        ("reconnect_backoff", -1, "option 'reconnect_backoff' = -1 is invalid"),
     ],
 )
 def test_read_rows_refuses_bad_incremental_and_reconnect_options(

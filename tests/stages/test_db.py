@@ -30,6 +30,7 @@ from pipeline import (
     Database,
     DatabaseHandle,
     Skip,
+    Source,
     Stage,
     TransientError,
 )
@@ -38,10 +39,6 @@ from pipeline.testing import run_stages_async
 from stages.db import (
     DatabaseError,
     RowNotFoundError,
-    _keyset_queries,
-    _SQLiteDatabase,
-    _Target,
-    _translate_sql,
     execute_script,
     lookup,
     read_rows,
@@ -49,6 +46,9 @@ from stages.db import (
     shared_database,
     write_results,
 )
+from stages.db._database import _SQLiteDatabase
+from stages.db._dsn import _Target
+from stages.db._sql import _keyset_queries, _translate_sql
 from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
 from tests.fixtures.mariadb import MariaDB
 
@@ -261,12 +261,19 @@ async def test_read_rows_holds_the_limiter_only_while_fetching_a_chunk(
     assert handle.limiter.statistics().max_borrowed == 1
 
 
-async def test_read_rows_refuses_a_key_column_that_is_not_an_identifier(
+def test_read_rows_refuses_a_key_column_that_is_not_an_identifier() -> None:
+    """key_column is spliced into SQL, so anything but a plain identifier is a ConfigError."""
+    options = {"database": "catalog", "query": "SELECT 1 AS id", "key_column": "id; DROP TABLE catalog"}
+    with pytest.raises(ConfigError, match="option 'key_column' = 'id; DROP TABLE catalog' is invalid"):
+        Source(read_rows, options=options)
+
+
+async def test_read_rows_called_directly_still_refuses_a_key_column_that_is_not_an_identifier(
     harness: Harness, tmp_path: Path
 ) -> None:
-    """key_column is spliced into SQL, so anything but a plain identifier is a ConfigError."""
+    """Called from Python, past the engine's option check, the SQL quoting still refuses the name."""
     harness.add(f"sqlite:///{tmp_path / 'x.db'}")
-    with pytest.raises(ConfigError, match="key_column must be a plain SQL identifier"):
+    with pytest.raises(ConfigError, match="must be a plain SQL identifier"):
         await _collect(harness.ctx("source"), query="SELECT 1 AS id", key_column="id; DROP TABLE catalog")
 
 
@@ -434,6 +441,30 @@ def _result_rows(backend: Catalog) -> dict[str, tuple[Any, ...]]:
     return {row[0]: tuple(row[1:]) for row in rows}
 
 
+async def test_write_results_writes_the_columns_it_is_given(backend: Catalog, harness: Harness) -> None:
+    """With columns set, the table has those job columns (from the named fields, JSON where asked)
+    between the outcome columns, and none of the image job's."""
+    harness.add(backend.dsn)
+    columns = {"label": {"field": "name"}, "tags": {"type": "json"}, "score": {"type": "real"}}
+    async with write_results(harness.ctx("record"), database="catalog", table="tagged", columns=columns) as w:
+        await w({"id": 1, "name": "cat", "tags": ["a", "b"], "score": 0.5, "width": 64})
+        await w({"id": 2})
+    key = "`key`" if backend.kind == "mysql" else '"key"'
+    rows = backend.run(f"SELECT {key}, status, label, tags, score FROM tagged ORDER BY {key}")
+    assert [tuple(row) for row in rows] == [
+        ("1", "ok", "cat", '["a", "b"]', 0.5),
+        ("2", "ok", None, None, None),
+    ]
+    with pytest.raises(Exception, match="width"):
+        backend.run("SELECT width FROM tagged")
+
+
+def test_write_results_refuses_job_columns_that_clash_with_its_own() -> None:
+    """A job column named like an outcome column is a ConfigError naming it, when the stage is made."""
+    with pytest.raises(ConfigError, match="column 'status' is one write_results always writes"):
+        Stage(write_results, name="record", options={"database": "catalog", "columns": {"status": {}}})
+
+
 async def test_write_results_records_an_item_that_failed_upstream(backend: Catalog, harness: Harness) -> None:
     """A diverted failed item gets status 'failed', the error prefixed with its stage, NULL outputs."""
     harness.add(backend.dsn)
@@ -542,14 +573,10 @@ async def test_write_results_as_always_stage_records_every_item(tmp_path: Path) 
     }
 
 
-async def test_write_results_refuses_a_table_name_that_is_not_an_identifier(
-    harness: Harness, tmp_path: Path
-) -> None:
+def test_write_results_refuses_a_table_name_that_is_not_an_identifier() -> None:
     """table is spliced into SQL, so anything but a plain identifier is a ConfigError."""
-    harness.add(f"sqlite:///{tmp_path / 'x.db'}")
-    with pytest.raises(ConfigError, match="table must be a plain SQL identifier"):
-        async with write_results(harness.ctx(), database="catalog", table="results; --"):
-            pass
+    with pytest.raises(ConfigError, match="option 'table' = 'results; --' is invalid"):
+        Stage(write_results, name="record", options={"database": "catalog", "table": "results; --"})
 
 
 async def test_sqlite_write_while_locked_is_transient(harness: Harness, tmp_path: Path) -> None:
@@ -766,3 +793,19 @@ async def test_mysql_unix_socket_dsn_connects(mysql_db: MariaDB, harness: Harnes
     assert row is not None
     assert row["sock"] == mysql_db.unix_socket
     assert row["who"] == "pipeline@localhost"
+
+
+# --------------------------------------------------------------------------------------------
+# The package's public surface
+
+
+def test_public_names_resolve_and_are_shown_as_stages_db() -> None:
+    """Every name in stages.db.__all__ exists, and errors and stages carry stages.db as their module,
+    so dead letters record stages.db.DatabaseError rather than a private path."""
+    import stages.db
+
+    assert len(stages.db.__all__) == len(set(stages.db.__all__))
+    for name in stages.db.__all__:
+        assert getattr(stages.db, name) is not None
+    for obj in (DatabaseError, RowNotFoundError, read_rows, lookup, write_results, redact):
+        assert obj.__module__ == "stages.db"

@@ -7,6 +7,8 @@ through the same stage, since the ledger works on either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 import pytest
 
 from pipeline import (
+    LEDGER_ITEMS,
+    LEDGER_RUNS,
     ConfigError,
     Context,
     Database,
@@ -28,6 +32,7 @@ from pipeline import (
     load_config,
 )
 from pipeline._contract import SharedResources  # the engine's own, as a run has
+from pipeline._ledger import SqliteLedger
 from pipeline._limiter import CapacityLimiter
 from stages.db import mysql_ledger
 from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
@@ -228,3 +233,49 @@ def test_a_bad_ledger_table_is_one_config_error(
         load_config(write_config(tmp_path, ledger))
     assert info.value.location == location
     assert words in str(info.value)
+
+
+async def test_the_table_ledger_and_the_default_file_share_one_layout(tmp_path: Path) -> None:
+    """The table ledger on SQLite has the default ledger file's columns, types and keys, and
+    reads a ledger file made with the layout written before the two shared one."""
+    old = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(old)) as conn, conn:
+        conn.executescript(
+            "CREATE TABLE items (run_id TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, "
+            "attempts INTEGER NOT NULL, stage TEXT, error TEXT, updated_at TEXT NOT NULL, "
+            "PRIMARY KEY (run_id, key));"
+            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, status TEXT NOT NULL, "
+            "started_at TEXT NOT NULL, finished_at TEXT, watermark TEXT);"
+            "INSERT INTO items VALUES ('r', '1', 'failed', 2, 'work', 'E: x', '2025-01-01T00:00:00');"
+            "INSERT INTO runs VALUES ('r', 'p', 'ok', '2025-01-01T00:00:00', '2025-01-01T00:01:00', 't9');"
+        )
+    ledger = SqliteLedger(old, pipeline="p", run_id="r")
+    try:
+        assert ledger.resuming
+        assert ledger.failed() == [("1", 2, "work", "E: x")]
+        assert await ledger.last_watermark() == "t9"
+        ledger.record(2, "done", 1, None, None)
+        await ledger.flush()
+        assert await ledger.counts() == {"done": 1, "failed": 1}
+    finally:
+        ledger.close()
+
+    store = sqlite_catalog(tmp_path, "table.db")
+    shared = SharedResources()
+    handle = DatabaseHandle("catalog", store.dsn, CapacityLimiter(1))
+    ctx = Context(
+        pipeline="p", run_id="r", stage="ledger", limiter=None, databases={"catalog": handle}, shared=shared
+    )
+    async with shared.stack, mysql_ledger(ctx, database="catalog", table="items"):
+        pass
+
+    def layout(path: Path, table: str) -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            # name, type, notnull (a key column may differ: SQLite's keys refuse NULL anyway), pk
+            return [(r[1], r[2], r[3] or r[5], r[5]) for r in conn.execute(f"PRAGMA table_info({table})")]
+
+    fresh = tmp_path / "fresh.sqlite"
+    SqliteLedger(fresh, pipeline="p", run_id="r").close()
+    for file_table, table_table in ((LEDGER_ITEMS.name, "items"), (LEDGER_RUNS.name, "items_runs")):
+        assert layout(fresh, file_table) == layout(tmp_path / "table.db", table_table)
+        assert layout(fresh, file_table) == layout(old, file_table)

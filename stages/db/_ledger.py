@@ -1,0 +1,222 @@
+"""The run ledger in two tables of a configured database: :func:`mysql_ledger`.
+
+For runs shared by several workers. The layout and the statements are the engine's
+(:class:`pipeline.LedgerSQL`, the same as the default SQLite file's); this module renders them
+for MySQL/MariaDB and runs them through the database's pool and limiter, like any stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from pipeline import (
+    LEDGER_RUNS,
+    BufferedLedger,
+    Context,
+    LedgerColumn,
+    LedgerSQL,
+    LedgerTable,
+    RunLedger,
+    encode_key,
+    factory,
+)
+
+from .._options import Flag, Identifier, PositiveSeconds
+from ._database import Database, shared_database
+from ._sql import _quote
+
+__all__ = ["TableLedger", "mysql_ledger"]
+
+
+class _MySQLLedgerSQL(LedgerSQL):
+    """The ledger's layout and statements in MySQL/MariaDB's dialect."""
+
+    def quote(self, name: str) -> str:
+        return _quote("mysql", name)
+
+    def column_type(self, table: LedgerTable, column: LedgerColumn) -> str:
+        if column.type == "integer":
+            kind = "INT"
+        elif column.type == "timestamp":
+            kind = "DATETIME(6)"
+        elif column.max_length is None:
+            kind = "TEXT"
+        elif column.name in table.key:
+            # Binary collation: keys "A" and "a" are different items. Two VARCHAR(255) fit
+            # InnoDB's index limit in utf8mb4.
+            kind = f"VARCHAR({column.max_length}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        else:
+            kind = f"VARCHAR({column.max_length})"
+        return f"{kind} NULL" if column.nullable else f"{kind} NOT NULL"
+
+    def new_value(self, column: str) -> str:
+        # VALUES(col) rather than a row alias: MariaDB has no `AS new` form.
+        return f"VALUES({self.quote(column)})"
+
+    def on_conflict(self, key: Sequence[str], assignments: Mapping[str, str]) -> str:
+        sets = ", ".join(f"{self.quote(c)} = {value}" for c, value in assignments.items())
+        return f"ON DUPLICATE KEY UPDATE {sets}"
+
+    def create_table(self, table: LedgerTable, name: str) -> str:
+        ddl = super().create_table(table, name)
+        if table == LEDGER_RUNS:
+            # last_watermark's lookup: this table is shared by every pipeline and grows forever.
+            ddl = ddl[:-1] + ", KEY (`pipeline`, `status`, `finished_at`))"
+        return f"{ddl} CHARACTER SET utf8mb4"
+
+
+_LEDGER_LOOKUP_CHUNK = 500
+"""Keys per ``IN (...)`` lookup on a rerun."""
+
+
+class TableLedger(BufferedLedger):
+    """A :class:`~pipeline.RunLedger` in two tables of a :class:`~stages.db.Database`: ``<table>``
+    (one row per item and run) and ``<table>_runs``. Made by :func:`mysql_ledger`.
+
+    Every write is an upsert on ``(run_id, key)``, so workers sharing a run id never leave two
+    rows for an item. Records are buffered and written in one transaction per flush.
+    """
+
+    def __init__(
+        self, db: Database, *, table: str, pipeline: str, run_id: str, flush_interval: float
+    ) -> None:
+        super().__init__()
+        self.db = db
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.flush_interval = flush_interval
+        self.resuming = False
+        self._table = table
+        render = _MySQLLedgerSQL if db.dialect == "mysql" else LedgerSQL
+        self._sql = render(items=table, runs=f"{table}_runs")
+
+    def _time(self, iso: str | None = None) -> Any:
+        """A timestamp column's value: naive UTC for MySQL's DATETIME, ISO 8601 text for SQLite."""
+        when = datetime.fromisoformat(iso) if iso else datetime.now(UTC)
+        return when.astimezone(UTC).replace(tzinfo=None) if self.db.dialect == "mysql" else when.isoformat()
+
+    async def _exists(self) -> bool:
+        # Asked first, because MySQL warns on CREATE TABLE IF NOT EXISTS of an existing table.
+        names = (self._table, f"{self._table}_runs")
+        if self.db.dialect == "mysql":
+            sql = (
+                "SELECT COUNT(*) AS n FROM information_schema.tables "
+                "WHERE table_schema = DATABASE() AND table_name IN (?, ?)"
+            )
+        else:
+            sql = "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)"
+        row = await self.db.fetch_one(sql, names, action="looking for the ledger table")
+        return row is not None and int(row["n"]) == len(names)
+
+    async def open(self, *, create_table: bool) -> None:
+        """Create the tables if asked, and find out whether this run id is resuming."""
+        if create_table and not await self._exists():
+            for ddl in self._sql.create:
+                await self.db.execute(ddl, action="creating the ledger table")
+        row = await self.db.fetch_one(self._sql.has_items, (self.run_id,), action="reading the ledger")
+        self.resuming = row is not None
+
+    async def states(self, keys: Sequence[object]) -> list[str | None]:
+        """See :meth:`pipeline.RunLedger.states`: one ``IN (...)`` query per 500 keys."""
+        encoded: list[str | None] = []
+        for key in keys:
+            try:
+                encoded.append(encode_key(key))
+            except TypeError:
+                encoded.append(None)
+        wanted = sorted({k for k in encoded if k is not None})
+        found: dict[str, str] = {}
+        for i in range(0, len(wanted), _LEDGER_LOOKUP_CHUNK):
+            chunk = wanted[i : i + _LEDGER_LOOKUP_CHUNK]
+            rows = await self.db.fetch_all(
+                self._sql.states(len(chunk)), (self.run_id, *chunk), action="reading the ledger"
+            )
+            found.update((str(r["k"]), str(r["state"])) for r in rows)
+        return [None if k is None else found.get(k) for k in encoded]
+
+    def timestamp(self) -> Any:
+        """``updated_at`` for a row recorded now, in the database's representation."""
+        return self._time()
+
+    async def write_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Upsert ``batch`` in one transaction."""
+        await self.db.execute_many(self._sql.record, batch, action="writing the ledger")
+
+    async def start_run(self, started_at: str) -> None:
+        """Note that this run id started (again)."""
+        await self.db.execute(
+            self._sql.start_run,
+            (self.run_id, self.pipeline, self._time(started_at)),
+            action="starting the run",
+        )
+
+    async def finish_run(self, status: str, watermark: str | None) -> None:
+        """Note how this run ended, and its watermark when it succeeded."""
+        await self.db.execute(
+            self._sql.finish_run,
+            (status, self._time(), watermark if status == "ok" else None, self.run_id),
+            action="finishing the run",
+        )
+
+    async def last_watermark(self) -> str | None:
+        """The watermark of this pipeline's last successful run, if any."""
+        row = await self.db.fetch_one(
+            self._sql.last_watermark, (self.pipeline,), action="reading the last watermark"
+        )
+        return None if row is None else str(row["watermark"])
+
+    async def counts(self) -> dict[str, int]:
+        """How many of this run's items are in each state."""
+        rows = await self.db.fetch_all(self._sql.counts, (self.run_id,), action="reading the ledger")
+        return {str(r["state"]): int(r["n"]) for r in rows}
+
+    async def failed(self) -> list[tuple[str, int, str | None, str | None]]:
+        """This run's failed items: ``(key as JSON, attempts, stage, error)``, by key."""
+        rows = await self.db.fetch_all(self._sql.failed, (self.run_id,), action="reading the ledger")
+        return [(str(r["k"]), int(r["attempts"]), r["stage"], r["error"]) for r in rows]
+
+
+LedgerTableName = Annotated[Identifier, Field(max_length=58)]
+"""A ledger's items table: a plain identifier that leaves room for the ``_runs`` suffix in 64."""
+
+
+@factory
+@contextlib.asynccontextmanager
+async def mysql_ledger(
+    ctx: Context,
+    *,
+    database: str,
+    table: LedgerTableName = "pipeline_ledger",
+    create_table: Flag = True,
+    flush_interval: PositiveSeconds = 0.25,
+) -> AsyncIterator[RunLedger]:
+    """Ledger: keep the run ledger in ``table`` (and ``<table>_runs``) of a configured database.
+
+    For runs shared by several workers (``[pipeline] ledger = { use = "stages.db:mysql_ledger",
+    database = "catalog" }``). It uses the database's pool and limiter, like every stage on it.
+    Works on a ``sqlite:///`` database too. Keys longer than 255 characters (as JSON) do not fit.
+
+    Args:
+        ctx: The engine's context (its ``pipeline`` and ``run_id`` pick the rows).
+        database: The ``[databases.<name>]`` to keep the ledger in.
+        table: The items table, a plain identifier of at most 58 characters; the runs table is
+            ``<table>_runs``.
+        create_table: Create the tables when they do not exist.
+        flush_interval: Seconds between batched writes, > 0.
+
+    The engine checks the options against these annotations when the ledger store is made.
+
+    Raises:
+        ConfigError: The database is not configured.
+    """
+    db = await shared_database(ctx, database)
+    ledger = TableLedger(
+        db, table=table, pipeline=ctx.pipeline, run_id=ctx.run_id, flush_interval=flush_interval
+    )
+    await ledger.open(create_table=create_table)
+    yield ledger

@@ -1,0 +1,160 @@
+"""The ``read_rows`` source: a query's rows as items, keyset-paged, across reconnects."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from pipeline import ConfigError, Context, Item, TransientError, factory
+
+from .._options import Identifier, PositiveInt, Seconds
+from ._database import shared_database
+from ._errors import DatabaseError
+from ._sql import _keyset_queries, _translate_sql
+
+__all__ = ["read_rows"]
+
+log = logging.getLogger("stages.db")
+
+_RECONNECT_MAX_WAIT = 10.0
+"""The longest single wait between two attempts at a chunk."""
+
+
+@factory
+@contextlib.asynccontextmanager
+async def read_rows(
+    ctx: Context,
+    *,
+    database: str,
+    query: str,
+    key_column: Identifier = "id",
+    chunk_size: PositiveInt = 1000,
+    since: Any = None,
+    watermark_column: Identifier | None = None,
+    reconnect_attempts: PositiveInt = 10,
+    reconnect_backoff: Seconds = 0.25,
+) -> AsyncIterator[AsyncIterator[Item]]:
+    """Source: stream the rows of ``query`` as dicts, ``chunk_size`` rows per round trip.
+
+    Rows are read with keyset pagination on ``key_column``: each chunk is
+    ``SELECT * FROM (<query>) AS q WHERE q.<key> > <last key> ORDER BY q.<key> LIMIT <chunk_size>``,
+    so memory stays at one chunk however large the table, and a connection is held only while
+    one chunk is fetched. The key must be unique and not NULL in the query's result, and
+    indexed in the table if the table is large.
+
+    Incremental runs: with ``[source] watermark = "updated_at"`` the engine passes ``since``, the
+    largest ``updated_at`` of the last successful run, and only rows with
+    ``q.<watermark_column> > since`` are read (a bound parameter, never SQL text). Set
+    ``watermark_column`` to the same column as ``[source] watermark``: the engine names the item
+    field it tracks, this stage the column it filters on. ``since`` arrives as the text the
+    ledger kept (``str()`` of the value); both databases compare it with a date, time or number
+    column as that type.
+
+    A database that restarts or fails over mid-run: a chunk whose fetch fails with a
+    :class:`~pipeline.TransientError` (lost or refused connection, server shutting down) is
+    fetched again, after ``reconnect_backoff`` seconds, then twice that, and so on (each wait at
+    most 10 s), up to ``reconnect_attempts`` attempts in all; with the defaults the source waits
+    about 45 s plus connection time before it gives up and the run fails. Each retry asks again for
+    the rows after the last key already yielded, so no row is skipped or read twice. The pool
+    drops the connection of a failed statement and opens a new one on the next use.
+
+    Args:
+        ctx: The engine's context.
+        database: The ``[databases.<name>]`` to read from.
+        query: A ``SELECT`` without placeholders; its rows become the items.
+        key_column: A unique column of the result, in whose order rows come; a plain identifier.
+        chunk_size: Rows per round trip, >= 1.
+        since: Passed by the engine for incremental runs (see above); ``None`` reads every row.
+        watermark_column: The column ``since`` is compared with, a plain identifier; required when
+            ``since`` is given.
+        reconnect_attempts: Attempts at each chunk (>= 1) before a transient database error fails
+            the run.
+        reconnect_backoff: Seconds (>= 0) before the second attempt; it doubles on each further one.
+
+    The engine checks the options against these annotations when the source is made, so a
+    ``key_column`` that is not a plain identifier or a ``chunk_size`` of 0 is a
+    :class:`~pipeline.ConfigError` naming the option and its value.
+
+    Raises:
+        ConfigError: The query has ``?`` placeholders, or ``since`` is given without
+            ``watermark_column``.
+    """
+    if watermark_column is None and since is not None:
+        raise ConfigError(
+            f"read_rows got since={since!r} (the engine passes it when [source] watermark is set) but no "
+            "watermark_column to compare it with; set watermark_column to the same column as watermark"
+        )
+    db = await shared_database(ctx, database)
+    if _translate_sql(query, db.dialect)[1]:
+        raise ConfigError(f"the read_rows query takes no ? placeholders, got {query!r}; inline the values")
+    # A first night (no since yet) reads everything, even with watermark_column set.
+    column = watermark_column if since is not None else None
+    first_sql, next_sql = _keyset_queries(db.dialect, query, key_column, column)
+    prefix: tuple[Any, ...] = () if column is None else (since,)
+
+    async def fetch(sql: str, params: tuple[Any, ...], action: str) -> list[Item]:
+        import tenacity  # deferred: only a source that is used pays for the import
+
+        def note(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            wait = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning(
+                "read_rows will retry %s in %.2fs (attempt %d of %d failed): %s",
+                action,
+                wait,
+                state.attempt_number,
+                reconnect_attempts,
+                error,
+            )
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(reconnect_attempts),
+            wait=tenacity.wait_exponential(multiplier=reconnect_backoff, max=_RECONNECT_MAX_WAIT),
+            retry=tenacity.retry_if_exception_type(TransientError),
+            before_sleep=note,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await db.fetch_all(sql, params, action=action)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    async def rows() -> AsyncGenerator[Item, None]:
+        chunk = await fetch(first_sql, (*prefix, chunk_size), "reading the first chunk of rows")
+        while True:
+            for row in chunk:
+                yield row
+            if len(chunk) < chunk_size:
+                return
+            try:
+                last = chunk[-1][key_column]
+            except KeyError:
+                raise DatabaseError(
+                    f"the read_rows query on database {db.name!r} returns no column {key_column!r} "
+                    f"(it returns {sorted(chunk[-1])}); select it or set key_column",
+                    database=db.name,
+                    dsn=db.dsn,
+                    action="reading rows",
+                ) from None
+            if last is None:
+                # `key > NULL` matches nothing: going on would end the stream early, silently.
+                raise DatabaseError(
+                    f"the read_rows query on database {db.name!r} returned a NULL {key_column!r}, so "
+                    "the rows after it cannot be paged; filter out NULL keys in the query "
+                    f"(WHERE {key_column} IS NOT NULL) or choose a key column without NULLs",
+                    database=db.name,
+                    dsn=db.dsn,
+                    action="reading rows",
+                )
+            chunk = []  # let the previous chunk go before the next one arrives
+            chunk = await fetch(
+                next_sql, (*prefix, last, chunk_size), f"reading rows after {key_column}={last!r}"
+            )
+
+    stream = rows()
+    try:
+        yield stream
+    finally:
+        await stream.aclose()
