@@ -23,13 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._contract import Context, Item, SharedResources
+from ._contract import Context, DatabaseHandle, Item, SharedResources
 from ._definition import Database, Source, Stage
 from ._limiter import CapacityLimiter
 from ._pipeline import Pipeline
 from ._report import RunReport
 
-__all__ = ["Collector", "StageRun", "memory_source", "open_context", "run_stages", "run_stages_async"]
+__all__ = [
+    "Collector",
+    "Harness",
+    "StageRun",
+    "memory_source",
+    "open_context",
+    "run_stages",
+    "run_stages_async",
+]
 
 
 def memory_source(items: Iterable[Item], *, key: str = "id") -> Source:
@@ -104,6 +112,71 @@ def run_stages(items: Iterable[Item], *stages: Stage, **kwargs: Any) -> StageRun
     return asyncio.run(run_stages_async(items, *stages, **kwargs))
 
 
+class Harness:
+    """What a run gives its factories, for unit tests of a factory stage without a run.
+
+    It holds the configured databases (each with the one limiter every stage using it shares,
+    as in a run) and the run-scoped shared resources (``ctx.shared(...)``), which it closes on
+    exit; :meth:`context` makes the :class:`~pipeline.Context` a stage's factory gets::
+
+        async with Harness(databases={"catalog": Database("sqlite:///c.db")}) as h:
+            async with read_rows(h.context("source"), database="catalog", query=q) as rows:
+                ...
+
+    Args:
+        databases: ``[databases]`` entries, by name (more with :meth:`add_database`).
+        concurrency: The default cap of the contexts' stages.
+        pipeline: The pipeline's name.
+        run_id: The run's id.
+    """
+
+    def __init__(
+        self,
+        *,
+        databases: Mapping[str, Database] | None = None,
+        concurrency: int = 1,
+        pipeline: str = "test",
+        run_id: str = "test",
+    ):
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.concurrency = concurrency
+        self.databases: dict[str, DatabaseHandle] = {
+            name: db.handle(name) for name, db in (databases or {}).items()
+        }
+        self._shared = SharedResources()
+
+    def add_database(
+        self, dsn: str, *, name: str = "catalog", concurrency: int = 4, **options: Any
+    ) -> DatabaseHandle:
+        """Configure one more database, as a ``[databases.<name>]`` table would; returns its handle."""
+        handle = Database(dsn, concurrency=concurrency, options=options).handle(name)
+        self.databases[name] = handle
+        return handle
+
+    def context(self, stage: str = "stage", *, concurrency: int | None = None) -> Context:
+        """The Context the run hands ``stage``'s factory (the source's is ``"source"``)."""
+        cap = concurrency or self.concurrency
+        return Context(
+            pipeline=self.pipeline,
+            run_id=self.run_id,
+            stage=stage,
+            limiter=CapacityLimiter(cap, name=f"stage {stage!r}"),
+            databases=self.databases,
+            shared=self._shared,
+        )
+
+    async def aclose(self) -> None:
+        """Close the shared resources the contexts opened (connection pools, sessions)."""
+        await self._shared.stack.aclose()
+
+    async def __aenter__(self) -> Harness:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 @contextlib.asynccontextmanager
 async def open_context(
     *,
@@ -113,10 +186,9 @@ async def open_context(
     pipeline: str = "test",
     run_id: str = "test",
 ) -> AsyncIterator[Context]:
-    """The :class:`~pipeline.Context` a run hands a factory, for unit-testing a factory stage.
+    """One :class:`~pipeline.Context`, as a run hands a factory, for unit-testing a factory stage.
 
-    Each database gets its own shared limiter, as in a run; whatever the factory opens with
-    ``ctx.shared(...)`` is closed when the block ends. Example::
+    A one-stage :class:`Harness`: what the factory shares is closed when the block ends::
 
         async with open_context(stage="download", concurrency=4) as ctx:
             async with download(ctx, timeout=5) as fetch:
@@ -129,14 +201,5 @@ async def open_context(
         pipeline: The pipeline's name.
         run_id: The run's id.
     """
-    shared = SharedResources()
-    handles = {name: db.handle(name) for name, db in (databases or {}).items()}
-    async with shared.stack:
-        yield Context(
-            pipeline=pipeline,
-            run_id=run_id,
-            stage=stage,
-            limiter=CapacityLimiter(concurrency, name=f"stage {stage!r}"),
-            databases=handles,
-            shared=shared,
-        )
+    async with Harness(databases=databases, concurrency=concurrency, pipeline=pipeline, run_id=run_id) as h:
+        yield h.context(stage)

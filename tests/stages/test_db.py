@@ -28,14 +28,12 @@ from pipeline import (
     ConfigError,
     Context,
     Database,
-    DatabaseHandle,
     Skip,
     Source,
     Stage,
     TransientError,
 )
-from pipeline._contract import SharedResources
-from pipeline.testing import run_stages_async
+from pipeline.testing import Harness, run_stages_async
 from stages.db import (
     DatabaseError,
     RowNotFoundError,
@@ -95,39 +93,12 @@ def mysql_backend(mysql_db: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Catalog
     return _mysql_backend(mysql_db)
 
 
-class Harness:
-    """What the engine would provide: configured databases and the run's shared resources."""
-
-    def __init__(self) -> None:
-        self.shared = SharedResources()
-        self.databases: dict[str, DatabaseHandle] = {}
-
-    def add(self, dsn: str, *, name: str = "catalog", concurrency: int = 4, **options: Any) -> DatabaseHandle:
-        handle = DatabaseHandle(
-            name=name, dsn=dsn, limiter=CapacityLimiter(concurrency, name=f"db:{name}"), options=options
-        )
-        self.databases[name] = handle
-        return handle
-
-    def ctx(self, stage: str = "stage") -> Context:
-        return Context(
-            pipeline="test",
-            run_id="run-1",
-            stage=stage,
-            limiter=CapacityLimiter(8),
-            databases=self.databases,
-            shared=self.shared,
-        )
-
-
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
-    """A Harness whose shared resources (the pools) are closed after the test."""
-    h = Harness()
-    try:
+    """What the engine would provide: configured databases and the run's shared resources,
+    closed after the test."""
+    async with Harness(concurrency=8, pipeline="test", run_id="run-1") as h:
         yield h
-    finally:
-        await h.shared.stack.aclose()
 
 
 async def _collect(ctx: Context, **options: Any) -> list[dict[str, Any]]:
@@ -220,8 +191,8 @@ async def test_read_rows_yields_every_row_once_in_key_order_across_chunks(
     ids = list(range(1, 2504))
     random.Random(7).shuffle(ids)
     seed_catalog(backend, ids)
-    harness.add(backend.dsn)
-    rows = await _collect(harness.ctx("source"), query="SELECT id, url FROM catalog", chunk_size=100)
+    harness.add_database(backend.dsn)
+    rows = await _collect(harness.context("source"), query="SELECT id, url FROM catalog", chunk_size=100)
     assert [row["id"] for row in rows] == list(range(1, 2504))
     assert rows[0] == {"id": 1, "url": "https://img.example/1.jpg"}
 
@@ -231,8 +202,8 @@ async def test_read_rows_stops_cleanly_when_the_last_chunk_is_exactly_full(
 ) -> None:
     """A row count that is a multiple of chunk_size ends after one empty chunk, with no row twice."""
     seed_catalog(backend, range(1, 201))
-    harness.add(backend.dsn)
-    rows = await _collect(harness.ctx("source"), query="SELECT * FROM catalog", chunk_size=100)
+    harness.add_database(backend.dsn)
+    rows = await _collect(harness.context("source"), query="SELECT * FROM catalog", chunk_size=100)
     assert [row["id"] for row in rows] == list(range(1, 201))
 
 
@@ -241,9 +212,9 @@ async def test_read_rows_keeps_percent_signs_and_literal_question_marks(
 ) -> None:
     """A query with % in a LIKE and a '?' literal runs unchanged (no placeholder confusion)."""
     seed_catalog(backend, range(1, 40))
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     query = "SELECT id, name FROM catalog WHERE url LIKE '%/1%' AND name <> '?' -- any?"
-    rows = await _collect(harness.ctx("source"), query=query, chunk_size=4)
+    rows = await _collect(harness.context("source"), query=query, chunk_size=4)
     assert [row["id"] for row in rows] == [1, *range(10, 20)]
 
 
@@ -252,9 +223,9 @@ async def test_read_rows_holds_the_limiter_only_while_fetching_a_chunk(
 ) -> None:
     """Between chunks the database's limiter is free, so a slow consumer blocks no other stage."""
     seed_catalog(backend, range(1, 26))
-    handle = harness.add(backend.dsn, concurrency=1)
+    handle = harness.add_database(backend.dsn, concurrency=1)
     async with read_rows(
-        harness.ctx("source"), database="catalog", query="SELECT * FROM catalog", chunk_size=10
+        harness.context("source"), database="catalog", query="SELECT * FROM catalog", chunk_size=10
     ) as rows:
         borrowed = [handle.limiter.borrowed async for _ in rows]
     assert borrowed == [0] * 25
@@ -272,9 +243,9 @@ async def test_read_rows_called_directly_still_refuses_a_key_column_that_is_not_
     harness: Harness, tmp_path: Path
 ) -> None:
     """Called from Python, past the engine's option check, the SQL quoting still refuses the name."""
-    harness.add(f"sqlite:///{tmp_path / 'x.db'}")
+    harness.add_database(f"sqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(ConfigError, match="must be a plain SQL identifier"):
-        await _collect(harness.ctx("source"), query="SELECT 1 AS id", key_column="id; DROP TABLE catalog")
+        await _collect(harness.context("source"), query="SELECT 1 AS id", key_column="id; DROP TABLE catalog")
 
 
 async def test_read_rows_opens_a_relative_sqlite_path_from_the_working_directory(
@@ -283,8 +254,8 @@ async def test_read_rows_opens_a_relative_sqlite_path_from_the_working_directory
     """sqlite:///rel.db names rel.db in the current directory."""
     seed_catalog(_sqlite_backend(tmp_path / "rel.db"), [3, 1, 2])
     monkeypatch.chdir(tmp_path)
-    harness.add("sqlite:///rel.db")
-    rows = await _collect(harness.ctx("source"), query="SELECT id FROM catalog")
+    harness.add_database("sqlite:///rel.db")
+    rows = await _collect(harness.context("source"), query="SELECT id FROM catalog")
     assert rows == [{"id": 1}, {"id": 2}, {"id": 3}]
 
 
@@ -315,7 +286,7 @@ async def test_read_rows_streams_100k_rows_in_bounded_memory(harness: Harness, t
     path = tmp_path / "big.db"
     backend = _sqlite_backend(path)
     seed_catalog(backend, range(1, 100_001))
-    harness.add(f"sqlite:///{path}")
+    harness.add_database(f"sqlite:///{path}")
 
     tracemalloc.start()
     try:
@@ -328,7 +299,7 @@ async def test_read_rows_streams_100k_rows_in_bounded_memory(harness: Harness, t
         start = tracemalloc.get_traced_memory()[0]
         count = 0
         async with read_rows(
-            harness.ctx("source"), database="catalog", query="SELECT * FROM catalog"
+            harness.context("source"), database="catalog", query="SELECT * FROM catalog"
         ) as rows:
             async for _ in rows:
                 count += 1
@@ -347,9 +318,12 @@ async def test_read_rows_streams_100k_rows_in_bounded_memory(harness: Harness, t
 async def test_lookup_adds_the_first_rows_columns_to_the_item(backend: Catalog, harness: Harness) -> None:
     """The matching row's columns are added to the item, other fields kept."""
     seed_catalog(backend, [1, 2, 3])
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     async with lookup(
-        harness.ctx(), database="catalog", query="SELECT url, name FROM catalog WHERE id = ?", params=["ref"]
+        harness.context(),
+        database="catalog",
+        query="SELECT url, name FROM catalog WHERE id = ?",
+        params=["ref"],
     ) as fn:
         item = await fn({"id": "a", "ref": 2})
     assert item == {"id": "a", "ref": 2, "url": "https://img.example/2.jpg", "name": "image 2"}
@@ -361,9 +335,11 @@ async def test_lookup_without_a_row_follows_the_missing_policy(
 ) -> None:
     """No row: 'fail' raises RowNotFoundError, 'skip' raises Skip, 'keep' returns the item as is."""
     seed_catalog(backend, [1])
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     query = "SELECT url FROM catalog WHERE id = ?"
-    async with lookup(harness.ctx(), database="catalog", query=query, params=["id"], missing=missing) as fn:
+    async with lookup(
+        harness.context(), database="catalog", query=query, params=["id"], missing=missing
+    ) as fn:
         if missing == "fail":
             with pytest.raises(RowNotFoundError, match="id=404"):
                 await fn({"id": 404})
@@ -378,9 +354,9 @@ async def test_lookup_refuses_params_that_do_not_match_the_placeholders(
     harness: Harness, tmp_path: Path
 ) -> None:
     """Two placeholders and one param name is a ConfigError before any item runs."""
-    harness.add(f"sqlite:///{tmp_path / 'x.db'}")
+    harness.add_database(f"sqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(ConfigError, match="2 \\? placeholders"):
-        async with lookup(harness.ctx(), database="catalog", query="SELECT ? + ?", params=["id"]):
+        async with lookup(harness.context(), database="catalog", query="SELECT ? + ?", params=["id"]):
             pass
 
 
@@ -389,8 +365,8 @@ async def test_lookup_with_bad_sql_fails_permanently_and_the_pool_recovers(
 ) -> None:
     """A query on a missing table raises DatabaseError naming the database; later calls still work."""
     seed_catalog(backend, [1])
-    harness.add(backend.dsn, concurrency=1)
-    ctx = harness.ctx()
+    harness.add_database(backend.dsn, concurrency=1)
+    ctx = harness.context()
     async with lookup(
         ctx, database="catalog", query="SELECT * FROM nowhere WHERE id = ?", params=["id"]
     ) as bad:
@@ -409,9 +385,9 @@ async def test_lookup_with_bad_sql_fails_permanently_and_the_pool_recovers(
 
 async def test_write_results_upserts_one_row_per_key(backend: Catalog, harness: Harness) -> None:
     """Writing the same key twice leaves one row holding the second write's values."""
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     item = {"id": 7, "outputs": ["a/7.webp"], "width": 10, "height": 20, "bytes": 300, "sha256": "ab" * 32}
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    async with write_results(harness.context("record"), database="catalog") as write:
         assert await write(dict(item)) == item
         await write({**item, "outputs": ["b/7.webp"], "width": 11})
     rows = backend.run(
@@ -444,9 +420,11 @@ def _result_rows(backend: Catalog) -> dict[str, tuple[Any, ...]]:
 async def test_write_results_writes_the_columns_it_is_given(backend: Catalog, harness: Harness) -> None:
     """With columns set, the table has those job columns (from the named fields, JSON where asked)
     between the outcome columns, and none of the image job's."""
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     columns = {"label": {"field": "name"}, "tags": {"type": "json"}, "score": {"type": "real"}}
-    async with write_results(harness.ctx("record"), database="catalog", table="tagged", columns=columns) as w:
+    async with write_results(
+        harness.context("record"), database="catalog", table="tagged", columns=columns
+    ) as w:
         await w({"id": 1, "name": "cat", "tags": ["a", "b"], "score": 0.5, "width": 64})
         await w({"id": 2})
     key = "`key`" if backend.kind == "mysql" else '"key"'
@@ -467,7 +445,7 @@ def test_write_results_refuses_job_columns_that_clash_with_its_own() -> None:
 
 async def test_write_results_records_an_item_that_failed_upstream(backend: Catalog, harness: Harness) -> None:
     """A diverted failed item gets status 'failed', the error prefixed with its stage, NULL outputs."""
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     diverted = {
         "id": 20,
         "url": "http://127.0.0.1/gone.jpg",
@@ -475,7 +453,7 @@ async def test_write_results_records_an_item_that_failed_upstream(backend: Catal
         "error": "DownloadError: GET http://127.0.0.1/gone.jpg answered 404 Not Found",
         "failed_stage": "download",
     }
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    async with write_results(harness.context("record"), database="catalog") as write:
         assert await write(dict(diverted)) == diverted
     assert _result_rows(backend) == {
         "20": (
@@ -492,8 +470,8 @@ async def test_write_results_records_a_skipped_item_with_its_reason(
     backend: Catalog, harness: Harness
 ) -> None:
     """A diverted skipped item gets status 'skipped' and the skip's reason; without a reason, NULL."""
-    harness.add(backend.dsn)
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    harness.add_database(backend.dsn)
+    async with write_results(harness.context("record"), database="catalog") as write:
         await write({"id": 1, "status": "skipped", "error": "unchanged", "failed_stage": "lookup"})
         await write({"id": 2, "status": "skipped", "error": None, "failed_stage": "lookup"})
     assert _result_rows(backend) == {
@@ -506,8 +484,8 @@ async def test_write_results_failed_night_replaces_a_previous_ok_row(
     backend: Catalog, harness: Harness
 ) -> None:
     """The row is tonight's outcome: a failure after an ok night reads 'failed' with no outputs."""
-    harness.add(backend.dsn)
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    harness.add_database(backend.dsn)
+    async with write_results(harness.context("record"), database="catalog") as write:
         await write({"id": 7, "outputs": ["07/7/256.webp"], "width": 640, "height": 480})
         await write({"id": 7, "status": "failed", "error": "OSError: disk full", "failed_stage": "write"})
     assert _result_rows(backend) == {"7": ("failed", None, None, None, "write: OSError: disk full")}
@@ -518,8 +496,8 @@ async def test_write_results_keeps_what_a_partly_processed_item_carries(
 ) -> None:
     """An item that failed late keeps the size measured before the failure."""
     backend = _sqlite_backend(tmp_path / "r.db")
-    harness.add(backend.dsn)
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    harness.add_database(backend.dsn)
+    async with write_results(harness.context("record"), database="catalog") as write:
         await write(
             {"id": 3, "width": 64, "height": 32, "status": "failed", "error": "E: x", "failed_stage": "write"}
         )
@@ -531,8 +509,8 @@ async def test_write_results_ignores_status_and_error_fields_of_an_ok_item(
 ) -> None:
     """A catalog column named status or error on an item that went through every stage is not its outcome."""
     backend = _sqlite_backend(tmp_path / "r.db")
-    harness.add(backend.dsn)
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    harness.add_database(backend.dsn)
+    async with write_results(harness.context("record"), database="catalog") as write:
         await write({"id": 1, "status": "archived", "error": "legacy note"})
     assert _result_rows(backend) == {"1": ("ok", "[]", None, None, None)}
 
@@ -540,9 +518,9 @@ async def test_write_results_ignores_status_and_error_fields_of_an_ok_item(
 async def test_write_results_never_stores_a_url_password(harness: Harness, tmp_path: Path) -> None:
     """A password in a URL of a custom stage's error is replaced by *** before it is stored."""
     backend = _sqlite_backend(tmp_path / "r.db")
-    harness.add(backend.dsn)
+    harness.add_database(backend.dsn)
     error = "ValueError: cannot reach mysql://loader:hunter2@db.internal/catalog"
-    async with write_results(harness.ctx("record"), database="catalog") as write:
+    async with write_results(harness.context("record"), database="catalog") as write:
         await write({"id": 1, "status": "failed", "error": error, "failed_stage": "enrich"})
     stored = _result_rows(backend)["1"][4]
     assert stored == "enrich: ValueError: cannot reach mysql://loader:***@db.internal/catalog"
@@ -582,8 +560,8 @@ def test_write_results_refuses_a_table_name_that_is_not_an_identifier() -> None:
 async def test_sqlite_write_while_locked_is_transient(harness: Harness, tmp_path: Path) -> None:
     """SQLite's 'database is locked' becomes TransientError, and the write succeeds once unlocked."""
     path = tmp_path / "locked.db"
-    harness.add(f"sqlite:///{path}", busy_timeout=0)
-    async with write_results(harness.ctx(), database="catalog") as write:
+    harness.add_database(f"sqlite:///{path}", busy_timeout=0)
+    async with write_results(harness.context(), database="catalog") as write:
         blocker = sqlite3.connect(path, isolation_level=None)
         try:
             blocker.execute("BEGIN IMMEDIATE")
@@ -598,8 +576,8 @@ async def test_sqlite_write_while_locked_is_transient(harness: Harness, tmp_path
 async def test_sqlite_database_is_switched_to_wal(harness: Harness, tmp_path: Path) -> None:
     """Opening a SQLite database puts it in WAL mode, so readers do not block the writer."""
     path = tmp_path / "wal.db"
-    harness.add(f"sqlite:///{path}")
-    await shared_database(harness.ctx(), "catalog")
+    harness.add_database(f"sqlite:///{path}")
+    await shared_database(harness.context(), "catalog")
     assert _sqlite_backend(path).run("PRAGMA journal_mode") == [("wal",)]
 
 
@@ -620,9 +598,9 @@ async def test_execute_script_runs_every_statement(backend: Catalog) -> None:
 
 async def test_stages_share_one_database_and_limiter(harness: Harness, tmp_path: Path) -> None:
     """Two stages asking for the same database get the same pool and the same limiter."""
-    handle = harness.add(f"sqlite:///{tmp_path / 'x.db'}")
-    first = await shared_database(harness.ctx("lookup"), "catalog")
-    second = await shared_database(harness.ctx("record"), "catalog")
+    handle = harness.add_database(f"sqlite:///{tmp_path / 'x.db'}")
+    first = await shared_database(harness.context("lookup"), "catalog")
+    second = await shared_database(harness.context("record"), "catalog")
     assert first is second
     assert first.limiter is handle.limiter
 
@@ -631,7 +609,7 @@ async def test_stages_share_one_database_and_limiter(harness: Harness, tmp_path:
 async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Catalog, harness: Harness) -> None:
     """50 concurrent lookups and writes at concurrency 3 use at most 3 server connections."""
     seed_catalog(mysql_backend, range(1, 51))
-    handle = harness.add(mysql_backend.dsn, concurrency=3)
+    handle = harness.add_database(mysql_backend.dsn, concurrency=3)
     with _admin(mysql_backend) as admin:
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")
@@ -639,8 +617,8 @@ async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Catalog
         baseline = _status(admin, "Threads_connected")
         query = "SELECT url FROM catalog WHERE id = ?"
         async with (
-            lookup(harness.ctx("lookup"), database="catalog", query=query, params=["id"]) as find,
-            write_results(harness.ctx("record"), database="catalog") as write,
+            lookup(harness.context("lookup"), database="catalog", query=query, params=["id"]) as find,
+            write_results(harness.context("record"), database="catalog") as write,
         ):
 
             async def one(i: int) -> dict[str, Any]:
@@ -659,13 +637,13 @@ async def test_mysql_pool_caps_connections_when_the_limiter_grows(
 ) -> None:
     """Raising the limiter after the pool opened does not raise the server connection count, nor hang."""
     seed_catalog(mysql_backend, range(1, 51))
-    handle = harness.add(mysql_backend.dsn, concurrency=2)
+    handle = harness.add_database(mysql_backend.dsn, concurrency=2)
     with _admin(mysql_backend) as admin:
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")
         baseline = _status(admin, "Threads_connected")
         query = "SELECT url FROM catalog WHERE id = ?"
-        async with lookup(harness.ctx(), database="catalog", query=query, params=["id"]) as find:
+        async with lookup(harness.context(), database="catalog", query=query, params=["id"]) as find:
             handle.limiter.total = 10
             items = await asyncio.gather(*(find({"id": i}) for i in range(1, 51)))
         used = _status(admin, "Max_used_connections")
@@ -688,9 +666,9 @@ async def test_wrong_password_from_env_fails_without_showing_it(
 ) -> None:
     """A refused login is a DatabaseError naming the fix; the password is nowhere in it or its chain."""
     monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", WRONG_PASSWORD)
-    harness.add(mysql_db.dsn())
+    harness.add_database(mysql_db.dsn())
     with pytest.raises(DatabaseError, match="PIPELINE_DB_CATALOG_PASSWORD") as info:
-        await shared_database(harness.ctx(), "catalog")
+        await shared_database(harness.context(), "catalog")
     assert info.value.code == 1045
     assert WRONG_PASSWORD not in _all_text(info.value)
 
@@ -698,9 +676,9 @@ async def test_wrong_password_from_env_fails_without_showing_it(
 @pytest.mark.mysql
 async def test_wrong_password_in_dsn_fails_without_showing_it(mysql_db: MariaDB, harness: Harness) -> None:
     """A password written in the DSN is redacted to *** in the error, its chain and its repr."""
-    harness.add(f"mysql://pipeline:{WRONG_PASSWORD}@127.0.0.1:{mysql_db.port}/pipeline_test")
+    harness.add_database(f"mysql://pipeline:{WRONG_PASSWORD}@127.0.0.1:{mysql_db.port}/pipeline_test")
     with pytest.raises(DatabaseError, match=r"pipeline:\*\*\*@") as info:
-        await shared_database(harness.ctx(), "catalog")
+        await shared_database(harness.context(), "catalog")
     assert WRONG_PASSWORD not in _all_text(info.value)
 
 
@@ -710,18 +688,18 @@ async def test_password_is_not_logged_nor_in_the_repr(
 ) -> None:
     """Opening and closing a database logs the DSN redacted; the Database repr is redacted too."""
     caplog.set_level(logging.DEBUG, logger="stages.db")
-    harness.add(mysql_db.dsn(password_in_dsn=True))
-    db = await shared_database(harness.ctx(), "catalog")
-    await harness.shared.stack.aclose()
+    harness.add_database(mysql_db.dsn(password_in_dsn=True))
+    db = await shared_database(harness.context(), "catalog")
+    await harness.aclose()
     assert "opened database 'catalog'" in caplog.text
     assert mysql_db.password not in caplog.text + repr(db)
 
 
 async def test_refused_connection_is_transient(harness: Harness) -> None:
     """Nothing listening on the port is a TransientError (the server may be restarting)."""
-    harness.add(f"mysql://pipeline@127.0.0.1:{_free_port()}/pipeline_test", connect_timeout=5)
+    harness.add_database(f"mysql://pipeline@127.0.0.1:{_free_port()}/pipeline_test", connect_timeout=5)
     with pytest.raises(TransientError, match="error 2003"):
-        await shared_database(harness.ctx(), "catalog")
+        await shared_database(harness.context(), "catalog")
 
 
 @pytest.mark.mysql
@@ -729,11 +707,11 @@ async def test_mysql_cancelled_query_does_not_poison_the_next_one(
     mysql_backend: Catalog, harness: Harness
 ) -> None:
     """A lookup cancelled mid-query drops its connection, so the next lookup reads its own answer."""
-    harness.add(mysql_backend.dsn, concurrency=1)
+    harness.add_database(mysql_backend.dsn, concurrency=1)
     with _admin(mysql_backend) as admin, admin.cursor() as cur:
         cur.execute("SELECT GET_LOCK('held-by-admin', 0)")
         query = "SELECT GET_LOCK(?, 60) AS got"
-        async with lookup(harness.ctx(), database="catalog", query=query, params=["lock"]) as fn:
+        async with lookup(harness.context(), database="catalog", query=query, params=["lock"]) as fn:
             blocked = asyncio.create_task(fn({"lock": "held-by-admin"}))
             # Wait until the server shows the lookup waiting on the lock: a server-side fact,
             # so it is polled, with a bound.
@@ -765,9 +743,9 @@ async def test_bad_dsn_is_a_config_error_without_the_password(
     harness: Harness, dsn: str, message: str
 ) -> None:
     """An unusable DSN is a ConfigError naming the problem, with the password redacted."""
-    harness.add(dsn)
+    harness.add_database(dsn)
     with pytest.raises(ConfigError, match=message) as info:
-        await shared_database(harness.ctx(), "catalog")
+        await shared_database(harness.context(), "catalog")
     assert WRONG_PASSWORD not in _all_text(info.value)
 
 
@@ -777,18 +755,18 @@ async def test_password_from_env_overrides_the_dsn(
 ) -> None:
     """PIPELINE_DB_<NAME>_PASSWORD wins over a password in the DSN (NAME upper-cased, - as _)."""
     monkeypatch.setenv("PIPELINE_DB_CATALOG_RO_PASSWORD", mysql_db.password)
-    harness.add(
+    harness.add_database(
         f"mysql://pipeline:{WRONG_PASSWORD}@127.0.0.1:{mysql_db.port}/pipeline_test", name="catalog-ro"
     )
-    db = await shared_database(harness.ctx(), "catalog-ro")
+    db = await shared_database(harness.context(), "catalog-ro")
     assert await db.fetch_one("SELECT 41 + ? AS answer", [1]) == {"answer": 42}
 
 
 @pytest.mark.mysql
 async def test_mysql_unix_socket_dsn_connects(mysql_db: MariaDB, harness: Harness) -> None:
     """?unix_socket=/path connects over the server's socket rather than TCP."""
-    harness.add(f"{mysql_db.dsn(password_in_dsn=True)}?unix_socket={mysql_db.unix_socket}")
-    db = await shared_database(harness.ctx(), "catalog")
+    harness.add_database(f"{mysql_db.dsn(password_in_dsn=True)}?unix_socket={mysql_db.unix_socket}")
+    db = await shared_database(harness.context(), "catalog")
     row = await db.fetch_one("SELECT @@socket AS sock, USER() AS who")
     assert row is not None
     assert row["sock"] == mysql_db.unix_socket

@@ -20,9 +20,7 @@ from pipeline import (
     LEDGER_ITEMS,
     LEDGER_RUNS,
     ConfigError,
-    Context,
     Database,
-    DatabaseHandle,
     LedgerStore,
     Pipeline,
     Retry,
@@ -31,9 +29,8 @@ from pipeline import (
     Stage,
     load_config,
 )
-from pipeline._contract import SharedResources  # the engine's own, as a run has
 from pipeline._ledger import SqliteLedger
-from pipeline._limiter import CapacityLimiter
+from pipeline.testing import open_context
 from stages.db import mysql_ledger
 from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
 from tests.fixtures.mariadb import MariaDB
@@ -156,16 +153,11 @@ async def test_the_table_ledger_obeys_the_ledger_contract(store: Catalog, tmp_pa
     """What mysql_ledger yields is a RunLedger, and reports the states it recorded."""
     pipe = make_pipeline(store, tmp_path, Calls(frozenset({1})), count=2)
     await pipe.run_async(run_id=RUN)
-    shared = SharedResources()
-    ctx = Context(
-        pipeline="ledgered",
-        run_id=RUN,
-        stage="ledger",
-        limiter=None,
-        databases={"catalog": DatabaseHandle("catalog", store.dsn, CapacityLimiter(2))},
-        shared=shared,
-    )
-    async with shared.stack, mysql_ledger(ctx, database="catalog", table="ledger") as ledger:
+    databases = {"catalog": Database(store.dsn, concurrency=2)}
+    async with (
+        open_context(stage="ledger", pipeline="ledgered", run_id=RUN, databases=databases) as ctx,
+        mysql_ledger(ctx, database="catalog", table="ledger") as ledger,
+    ):
         assert isinstance(ledger, RunLedger)
         assert ledger.resuming
         assert await ledger.states([0, 1, 2, "0"]) == ["done", "failed", None, None]
@@ -261,12 +253,11 @@ async def test_the_table_ledger_and_the_default_file_share_one_layout(tmp_path: 
         ledger.close()
 
     store = sqlite_catalog(tmp_path, "table.db")
-    shared = SharedResources()
-    handle = DatabaseHandle("catalog", store.dsn, CapacityLimiter(1))
-    ctx = Context(
-        pipeline="p", run_id="r", stage="ledger", limiter=None, databases={"catalog": handle}, shared=shared
-    )
-    async with shared.stack, mysql_ledger(ctx, database="catalog", table="items"):
+    databases = {"catalog": Database(store.dsn, concurrency=1)}
+    async with (
+        open_context(stage="ledger", pipeline="p", run_id="r", databases=databases) as ctx,
+        mysql_ledger(ctx, database="catalog", table="items"),
+    ):
         pass
 
     def layout(path: Path, table: str) -> list[tuple[Any, ...]]:
