@@ -193,6 +193,13 @@ def _import(use: str, *, file: str, location: str) -> Any:
             file=file,
             location=location,
         ) from None
+    except Exception as exc:  # the module itself is broken (a SyntaxError, an error at import)
+        raise ConfigError(
+            f"importing module {module_name!r} named by {use!r} raised {type(exc).__name__}: {exc}; "
+            f"fix the module (`python -c 'import {module_name}'` shows the traceback)",
+            file=file,
+            location=location,
+        ) from exc
     obj = module
     for part in attr.split("."):
         try:

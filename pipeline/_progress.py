@@ -205,3 +205,9 @@ def print_summary(report: RunReport, console: Console | None = None) -> None:
         console.print(f"unfinished: {keys}{f' and {more} more' if more > 0 else ''}")
     if report.dead_letters:
         console.print(f"dead letters: {report.dead_letters}")
+    totals = report.run_totals
+    if totals is not None and (report.already_done or report.not_retried):
+        console.print(
+            f"run {report.run_id} in all (earlier attempts included): done {totals['done']}, "
+            f"failed {totals['failed']}, skipped {totals['skipped']}"
+        )

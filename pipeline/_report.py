@@ -93,6 +93,8 @@ class StageReport:
         busy_ratio: Share of the stage's capacity (cap x wall time) in use.
         blocked_s: Worker time spent waiting on a full downstream queue.
         limit_trace: For ``concurrency = "auto"``: ``[seconds since start, cap]`` at each change.
+        abandoned_calls: The most thread calls at once that outlived their attempt (a timeout,
+            a stop) and kept their slot until their thread returned.
     """
 
     name: str
@@ -107,6 +109,7 @@ class StageReport:
     busy_ratio: float
     blocked_s: float
     limit_trace: list[tuple[float, int]] = field(default_factory=list)
+    abandoned_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,10 @@ class RunReport:
             thread cannot be cancelled); the CLI exits without waiting for them.
         ledger_error: Why the ledger's last write failed, if it did (the items it lost are
             done again by a rerun).
+        run_totals: With a ledger: how every item of the run id stands after this invocation
+            (``done``, ``failed``, ``skipped``), earlier attempts of the run id included. The
+            status and exit code count these failures against ``max_failures``, so a rerun
+            that leaves earlier failures alone does not report a good night.
     """
 
     pipeline: str
@@ -153,6 +160,7 @@ class RunReport:
     not_retried: int = 0
     abandoned_threads: int = 0
     ledger_error: str | None = None
+    run_totals: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""

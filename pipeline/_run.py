@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -164,6 +165,7 @@ class Run:
 
     async def run(self, *, handle_signals: bool = False) -> RunReport:
         """Open everything, run the flow, close everything, and return the report."""
+        self._check_paths()
         loop = asyncio.get_running_loop()
         started_at = utc_now()
         self.started = time.perf_counter()
@@ -248,25 +250,47 @@ class Run:
             tg.create_task(self.feeder.feed(source, resuming), name="pipeline-source")
 
     async def _finish(self, started_at: str, error: BaseException | None) -> RunReport:
-        """The report, and the ledger's last write (whose failure goes into the report)."""
-        report = self._report(started_at, error)
-        if self.ledger is None:
-            return report
-        try:
-            await self.ledger.flush()
-            await self.ledger.finish_run(report.status, self._new_watermark(report))
-        except Exception as exc:
-            # The work is done; unrecorded items are only done again by a rerun. Say so in
-            # the report, not only in the log.
-            message = (
-                f"the ledger could not record the end of the run ({type(exc).__name__}: {exc}); "
-                "a rerun of this run id redoes the items it lost"
-            )
-            log.error("%s", message)
-            report = dataclasses.replace(report, ledger_error=message)
+        """The ledger's last write, the report, and the run's end in the ledger. A failure of the
+        ledger goes into the report, not only the log."""
+        ledger = self.ledger
+        totals: dict[str, int] | None = None
+        ledger_error: str | None = None
+        if ledger is not None:
+            try:
+                await ledger.flush()
+                counts = await ledger.counts()
+                totals = {state: counts.get(state, 0) for state in ("done", "failed", "skipped")}
+            except Exception as exc:
+                ledger_error = _ledger_message(exc)
+        report = self._report(started_at, error, totals)
+        if ledger is not None and ledger_error is None:
+            try:
+                await ledger.finish_run(report.status, self._new_watermark(report))
+            except Exception as exc:
+                ledger_error = _ledger_message(exc)
+        if ledger_error is not None:
+            log.error("%s", ledger_error)
+            report = dataclasses.replace(report, ledger_error=ledger_error)
         return report
 
     # -- opening -------------------------------------------------------------------------
+
+    def _check_paths(self) -> None:
+        """Refuse, before anything is created, a report directory or ledger file that cannot be
+        written: a run that cannot leave its report or its ledger must not start."""
+        p = self.pipeline
+        for path, key, fix in (
+            (p.report_dir, "pipeline.report_dir", "choose a writable directory"),
+            (
+                p.ledger_path.parent if p.ledger_path else None,
+                "pipeline.ledger",
+                "choose a writable path, or false",
+            ),
+            (self.report_path.parent if self.report_path else None, "--report", "choose a writable path"),
+        ):
+            problem = _unwritable(path) if path is not None else None
+            if problem is not None:
+                raise ConfigError(f"{path} {problem}; {fix}", location=key)
 
     async def _open_ledger(
         self, stack: contextlib.AsyncExitStack, shared: SharedResources
@@ -350,6 +374,7 @@ class Run:
                 executor=self.executor,
                 circuit_breaker=p.circuit_breaker,
                 on_trip=self._trip,
+                on_stuck=self._fail_run,
                 started=self.started,
             )
             if ctx is not None and ctx.ceiling is not None and stage.auto is not None:
@@ -405,14 +430,18 @@ class Run:
 
     def _trip(self, stage: str, error: BaseException, streak: int) -> None:
         """The circuit breaker: a stage failed ``streak`` items in a row with the same error."""
+        self._fail_run(
+            f"circuit breaker: stage {stage!r} failed {streak} items in a row with the same error "
+            f"({type(error).__name__}: {error}); the run stopped rather than dead-letter the whole "
+            "batch. Fix the cause (a database down, a full disk, a wrong URL base), then rerun: "
+            "done items are not redone"
+        )
+
+    def _fail_run(self, message: str) -> None:
+        """Stop reading, and end the run as failed for ``message`` (the first reason wins)."""
         if self._stop_error is None:
-            self._stop_error = (
-                f"circuit breaker: stage {stage!r} failed {streak} items in a row with the same error "
-                f"({type(error).__name__}: {error}); the run stopped rather than dead-letter the whole "
-                "batch. Fix the cause (a database down, a full disk, a wrong URL base), then rerun: "
-                "done items are not redone"
-            )
-            log.error("%s", self._stop_error)
+            self._stop_error = message
+            log.error("%s", message)
             self._stop_reading()
 
     def _stop_reading(self) -> None:
@@ -444,15 +473,21 @@ class Run:
             stages=tuple(s.snapshot() for s in self.stages),
         )
 
-    def _report(self, started_at: str, error: BaseException | None) -> RunReport:
+    def _report(
+        self, started_at: str, error: BaseException | None, totals: dict[str, int] | None
+    ) -> RunReport:
         wall = time.perf_counter() - self.started
         tally, feeder = self.tally, self.feeder
         stages = [s.report(wall) for s in self.stages]
+        limit = self.pipeline.max_failures
+        # Failures of earlier attempts of this run id count too: a rerun that left them alone
+        # (no --retry-failed) must not report a good night.
+        failed = max(tally.failed, totals["failed"] if totals is not None else 0)
         if error is not None or self._stop_error is not None:
             status, code = "failed", 1
         elif self._stop_signal is not None:
             status, code = "interrupted", 128 + self._stop_signal
-        elif tally.failed > self.pipeline.max_failures:
+        elif failed > limit:
             status, code = "failed", 1
         else:
             status, code = "ok", 0
@@ -461,10 +496,13 @@ class Run:
             message = f"{type(error).__name__}: {error}"
         elif self._stop_error is not None:
             message = self._stop_error
+        elif status == "failed" and tally.failed > limit:
+            message = f"{tally.failed} items failed, more than max_failures = {limit}; see {tally.dead.path}"
         elif status == "failed":
             message = (
-                f"{tally.failed} items failed, more than max_failures = {self.pipeline.max_failures}; "
-                f"see {tally.dead.path}"
+                f"run {self.run_id!r} has {failed} failed items in all ({tally.failed} in this attempt, "
+                f"the others left from earlier ones), more than max_failures = {limit}; replay them "
+                f"with `pipeline retry CONFIG --run-id {self.run_id}` or rerun with --retry-failed"
             )
         cpu = {s.name for s in self.stages if workload(s.spec.fn) == "cpu"}
         return RunReport(
@@ -483,6 +521,7 @@ class Run:
             already_done=feeder.already_done,
             not_retried=feeder.not_retried,
             abandoned_threads=self.executor.abandoned,
+            run_totals=totals,
         )
 
     def _new_watermark(self, report: RunReport) -> str | None:
@@ -492,15 +531,38 @@ class Run:
         """
         if self.feeder.watermark is None:
             return None
-        if report.items.failed or report.items.unfinished:
+        failed = max(report.items.failed, (report.run_totals or {}).get("failed", 0))
+        if failed or report.items.unfinished:
             log.warning(
                 "watermark not advanced: %d items failed and %d are unfinished; the next run reads "
                 "the same changes again (or replay them with `pipeline retry`)",
-                report.items.failed,
+                failed,
                 report.items.unfinished,
             )
             return None
         return str(self.feeder.watermark)
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why files cannot be made in ``directory`` (creating it if need be), or ``None``."""
+    path = directory.absolute()
+    while not path.exists():
+        if path.is_symlink():
+            return f"cannot be created: {path} is a dangling symbolic link"
+        path = path.parent
+    if not path.is_dir():
+        return f"cannot be created: {path} is a file, not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"is not writable: {path} does not let this user ({os.geteuid()}) create files"
+    return None
+
+
+def _ledger_message(exc: Exception) -> str:
+    # The work is done; unrecorded items are only done again by a rerun.
+    return (
+        f"the ledger could not record the end of the run ({type(exc).__name__}: {exc}); "
+        "a rerun of this run id redoes the items it lost"
+    )
 
 
 def _unwrap(exc: Exception) -> Exception:

@@ -81,6 +81,7 @@ class StageRun:
         executor: The run's thread pool (thread stages run there).
         circuit_breaker: Failures in a row with the same error that trip the breaker; 0 for off.
         on_trip: Called with ``(stage, error, streak)`` when the breaker trips.
+        on_stuck: Called with a message when every slot is held by abandoned calls.
         started: ``time.perf_counter()`` at the start of the run, for the limit trace.
     """
 
@@ -97,6 +98,7 @@ class StageRun:
         executor: concurrent.futures.Executor,
         circuit_breaker: int,
         on_trip: Callable[[str, BaseException, int], None],
+        on_stuck: Callable[[str], None],
         started: float,
     ):
         self.spec = spec
@@ -119,6 +121,11 @@ class StageRun:
         self._executor = executor
         self._circuit_breaker = circuit_breaker
         self._on_trip = on_trip
+        self._on_stuck = on_stuck
+        self._stuck = False
+        self.abandoned = 0
+        """Thread calls that outlived their attempt and still hold their slot."""
+        self.max_abandoned = 0
         self._started = started
         self._tg: asyncio.TaskGroup | None = None
         self._loop = asyncio.get_running_loop()
@@ -300,7 +307,7 @@ class StageRun:
             error = exc
             if not cfut.done():
                 released_later = True
-                cfut.add_done_callback(functools.partial(_release_from_thread, self._loop, limiter))
+                self._abandon(cfut)
             raise
         finally:
             self._record(time.perf_counter() - start, error)
@@ -309,6 +316,30 @@ class StageRun:
         if self._fanout or type(result) is not dict:
             self._check(result)
         return result
+
+    def _abandon(self, cfut: concurrent.futures.Future[Any]) -> None:
+        """A thread call outlived its attempt (a timeout, a stop): it keeps its slot until its
+        thread returns. If every slot of the stage is held that way for another full timeout,
+        the stage cannot move again: say so, and stop the run, rather than wait for ever."""
+        self.abandoned += 1
+        self.max_abandoned = max(self.max_abandoned, self.abandoned)
+        cfut.add_done_callback(functools.partial(_when_done, self._loop, self._returned))
+        if self.abandoned >= self.limiter.total and self._timeout is not None:
+            self._loop.call_later(self._timeout, self._check_stuck)
+
+    def _returned(self) -> None:
+        self.abandoned -= 1
+        self.limiter.release()
+
+    def _check_stuck(self) -> None:
+        if self.abandoned >= self.limiter.total and not self._stuck:
+            self._stuck = True
+            self._on_stuck(
+                f"stage {self.name!r}: all {self.limiter.total} slots are held by calls that timed out "
+                f"and have not returned after another {self._timeout:g}s (a thread cannot be cancelled). "
+                "The stage cannot take another item, so the run stopped: make the callable honour a "
+                "deadline of its own (a socket timeout, a watchdog), or raise its timeout",
+            )
 
     def _invoke_thread(self, item: dict[str, Any]) -> Any:
         if self._fanout:
@@ -551,10 +582,11 @@ class StageRun:
             busy_ratio=round(min(1.0, stats.busy_s / capacity), 4) if capacity > 0 else 0.0,
             blocked_s=round(stats.blocked_s, 4),
             limit_trace=list(self.limit_trace),
+            abandoned_calls=self.max_abandoned,
         )
 
 
-def _release_from_thread(loop: asyncio.AbstractEventLoop, limiter: CapacityLimiter, _: object) -> None:
-    """Give back the slot of an abandoned thread call, from that thread, when it returns."""
+def _when_done(loop: asyncio.AbstractEventLoop, callback: Callable[[], None], _: object) -> None:
+    """Run ``callback`` on the loop when an abandoned thread call returns (from that thread)."""
     with contextlib.suppress(RuntimeError):  # the run, and its loop, may be over by then
-        loop.call_soon_threadsafe(limiter.release)
+        loop.call_soon_threadsafe(callback)

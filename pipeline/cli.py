@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if limit is not None and limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {limit}")
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        where = "" if exc.file else f"{args.config}: "
+        print(f"config error: {where}{exc}", file=sys.stderr)
         return EXIT_USAGE
 
     from ._progress import print_summary
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             only_failed=args.command == "retry",
         )
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        where = "" if exc.file else f"{args.config}: "
+        print(f"config error: {where}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:
         print(f"run failed: {exc}", file=sys.stderr)

@@ -159,3 +159,69 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "nope.toml" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_rerun_that_leaves_failures_alone_still_fails(
+    write_config: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Rerunning a night whose failures exceed max_failures, without --retry-failed, reads
+    nothing and still exits 1: the run id's failures count, and the report keeps this
+    attempt's figures apart from the run's totals."""
+    cfg = write_config(CONFIG.format(max_failures=2))
+    first = run_cli("run", str(cfg), "--run-id", "night", "--no-progress", cwd=tmp_path)
+    assert first.returncode == 1, first.stderr
+    again = run_cli("run", str(cfg), "--run-id", "night", "--report", "r.json", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 1, again.stderr
+    report = read_json(tmp_path / "r.json")
+    assert report["status"] == "failed"
+    assert report["items"]["read"] == 0
+    assert (report["already_done"], report["not_retried"]) == (3, 3)
+    assert report["run_totals"] == {"done": 3, "failed": 3, "skipped": 0}
+    assert "3 failed items in all" in report["error"]
+    assert "pipeline retry" in report["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [("raise RuntimeError('no config for you')", "RuntimeError"), ("def broken(:\n", "SyntaxError")],
+)
+def test_a_module_that_fails_to_import_is_a_config_error(
+    write_config: Callable[[str], Path], tmp_path: Path, body: str, raised: str
+) -> None:
+    """A stage module that raises on import (or does not parse) exits 2, naming the key, the
+    module and its error, without a traceback; nothing is created."""
+    (tmp_path / "broken_stage.py").write_text(body)
+    cfg = write_config(CONFIG.format(max_failures=0) + '\n[[stages]]\nuse = "broken_stage:run"\n')
+    for command in ("validate", "run"):
+        proc = run_cli(command, str(cfg), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{cfg}: stages[2].use" in proc.stderr
+        assert f"raised {raised}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ('report_dir = "blocker/runs"', "pipeline.report_dir"),
+        ('ledger = "blocker/l.sqlite"', "pipeline.ledger"),
+    ],
+)
+def test_an_unwritable_report_dir_or_ledger_is_a_config_error(
+    write_config: Callable[[str], Path], tmp_path: Path, setting: str, key: str
+) -> None:
+    """A report_dir or ledger path that cannot be created (a file stands in the way) exits 2 with
+    the file, the key and the fix before anything runs or is created."""
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    body = CONFIG.format(max_failures=0).replace('report_dir = "runs"', f'report_dir = "runs"\n{setting}')
+    if "report_dir" in setting:
+        body = body.replace('report_dir = "runs"\n', "", 1)
+    cfg = write_config(body)
+    proc = run_cli("run", str(cfg), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{cfg}: {key}: " in proc.stderr
+    assert "is a file, not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "runs").exists()

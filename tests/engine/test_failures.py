@@ -511,3 +511,34 @@ def test_thread_stage_runs_off_the_loop_thread() -> None:
     asyncio.run(run_stages_async(items(1), Stage(blocking), Stage(on_loop)))
     assert where["thread"].startswith("pipeline-")
     assert where["async"] == threading.main_thread().name
+
+
+async def test_a_stage_whose_slots_are_all_held_by_abandoned_calls_fails_the_run() -> None:
+    """Thread calls that ignore their timeout keep their slots (the cap holds); once every slot
+    is held so for another timeout, the run stops and says why instead of waiting for ever."""
+    release = threading.Event()
+
+    def never_returns(item: dict[str, Any]) -> dict[str, Any]:
+        release.wait()
+        return item
+
+    p = Pipeline(
+        source=memory_source(items(6)),
+        stages=[Stage(never_returns, concurrency=2, timeout=0.05, retry=Retry(attempts=1))],
+        report_dir=None,
+        ledger=False,
+        grace_period=0,
+        max_failures=100,
+    )
+    try:
+        report = await p.run_async(progress=False)
+    finally:
+        release.set()
+    assert report.status == "failed"
+    assert report.exit_code == 1
+    assert report.error is not None
+    assert "all 2 slots are held by calls that timed out" in report.error
+    assert report.stages[0].abandoned_calls == 2
+    c = report.items
+    assert c.read == c.ok + c.failed + c.skipped + c.unfinished
+    assert c.failed >= 2  # the two timed-out items, dead-lettered with StageTimeout
