@@ -9,8 +9,11 @@ Shape of a run::
   exactly once; this module opens and closes what they use, around one TaskGroup.
 * Resources are opened in order (ledger, source, stages) on one exit stack and closed in reverse,
   even when the run fails. The ledger outlives the flow: its last flush follows the report.
-* Stopping: a signal or the circuit breaker stops the reading; what is in flight gets the grace
-  period, then is cancelled and reported unfinished. A second signal cancels at once.
+* Stopping: a signal, the circuit breaker, or a stage whose slots are all held by calls that
+  never return stops the reading; what is in flight gets the grace period, then is cancelled
+  and reported unfinished. A second signal cancels at once.
+* The report's status counts the whole run id: failures left from earlier attempts count
+  against ``max_failures`` (``run_totals``).
 """
 
 from __future__ import annotations
