@@ -5,6 +5,7 @@ checks it with import-linter)::
 
     _exceptions   the error hierarchy, plus Skip / TransientError / RetryAfter that stages raise
     _limiter      CapacityLimiter: a resizable cap, the one primitive every limit is built on
+    _budget       the memory budget: items weighed by the bytes they hold, admission held
     _contract     the stage contract: Item, Context, DatabaseHandle, @factory, @cpu_bound
     _adaptive     Auto and the controllers behind concurrency = "auto"
     _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
@@ -33,7 +34,7 @@ import dataclasses
 import os
 
 from ._adaptive import Auto
-from ._contract import Context, DatabaseHandle, Item, cpu_bound, factory
+from ._contract import Context, DatabaseHandle, Item, cpu_bound, factory, weighs
 from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
 from ._exceptions import (
     ConfigError,
@@ -104,6 +105,7 @@ __all__ = [
     "parse_rate",
     "run",
     "run_async",
+    "weighs",
 ]
 
 

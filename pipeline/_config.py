@@ -54,6 +54,7 @@ class _PipelineTable(BaseModel):
     progress_interval: float = Field(10.0, gt=0)
     ledger: str | bool | _LedgerTable = True
     circuit_breaker: int = Field(0, ge=0)
+    memory_budget: int | str | None = None
 
     @field_validator("ledger", mode="wrap")
     @classmethod
@@ -355,6 +356,7 @@ def load_config(path: str | os.PathLike[str]) -> Pipeline:
             progress_interval=p.progress_interval,
             ledger=ledger,
             circuit_breaker=p.circuit_breaker,
+            memory_budget=p.memory_budget,
         )
     except ConfigError as exc:
         raise _with_location(exc, file, "pipeline") from None

@@ -42,9 +42,11 @@ __all__ = [
     "SharedResources",
     "cpu_bound",
     "describe",
+    "estimate_of",
     "factory",
     "is_factory",
     "stage_kind",
+    "weighs",
     "workload",
 ]
 
@@ -225,6 +227,31 @@ def cpu_bound(fn: F) -> F:
     """
     fn.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
     return fn
+
+
+def weighs(estimate: Callable[[Item], int]) -> Callable[[F], F]:
+    """Declare what an attempt of a stage allocates for an item, for ``memory_budget``.
+
+    ``estimate(item)`` returns the bytes the attempt holds beyond the item itself (decoded
+    pixels, read from an image's header, for a thumbnail stage). With ``[pipeline]
+    memory_budget`` set, the run counts them while the attempt runs; without, it never calls
+    ``estimate``. It must be cheap and must not raise (an error counts as 0)::
+
+        @pipeline.weighs(lambda item: 4 * declared_pixels(item["body"]))
+        def thumbnail(item): ...
+    """
+
+    def mark(fn: F) -> F:
+        fn.__pipeline_weighs__ = estimate  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def estimate_of(fn: object) -> Callable[[Item], int] | None:
+    """The estimate ``fn`` declared with :func:`weighs`, or ``None``."""
+    estimate: Callable[[Item], int] | None = getattr(fn, "__pipeline_weighs__", None)
+    return estimate
 
 
 def workload(fn: object) -> Literal["cpu", "io"]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._adaptive import Auto, check_cap
+from ._budget import parse_size
 from ._contract import DatabaseHandle, Kind, describe, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
 from ._limiter import CapacityLimiter
@@ -379,6 +380,7 @@ class PipelineDefinition:
     progress_interval: float = 10.0
     ledger: Path | bool | LedgerStore = True
     circuit_breaker: int = 0
+    memory_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -391,6 +393,8 @@ class PipelineDefinition:
             raise ConfigError(f"circuit_breaker must be >= 0, got {self.circuit_breaker!r}")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures must be >= 0, got {self.max_failures!r}")
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
         # Names key the report; the same callable used twice gets "name-2", "name-3", ...
         seen: dict[str, int] = {}
         stages = []

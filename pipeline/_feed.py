@@ -123,6 +123,8 @@ class Feeder:
                         continue
                     ticket = Ticket(key)
                     tally.read += 1
+                    if tally.budget is not None:
+                        await tally.admit(ticket, row)  # held while the run is over its memory budget
                     try:  # the usual case, checked inline; _check_key explains the others
                         clean = key is not None and key != "" and key not in open_
                     except TypeError:

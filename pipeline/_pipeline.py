@@ -32,6 +32,8 @@ class Pipeline(PipelineDefinition):
             (for example a MySQL table shared by several workers), or ``False`` for none.
         circuit_breaker: Stop the run when one stage fails this many items in a row with the
             same error (a database down, a full disk); ``0`` turns it off.
+        memory_budget: Bytes the items in flight may hold (``"512MiB"``, ``"1GiB"`` or a
+            number); the source is read only while under it. ``None`` for no budget.
     """
 
     async def run_async(self, **kwargs: Any) -> RunReport:

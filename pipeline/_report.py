@@ -142,6 +142,9 @@ class RunReport:
             (``done``, ``failed``, ``skipped``), earlier attempts of the run id included. The
             status and exit code count these failures against ``max_failures``, so a rerun
             that leaves earlier failures alone does not report a good night.
+        memory: ``peak_rss_bytes``, the process's peak resident memory; with a memory budget
+            also ``budget_bytes`` and ``peak_charged_bytes``, the most the items in flight were
+            charged at once.
     """
 
     pipeline: str
@@ -161,6 +164,7 @@ class RunReport:
     abandoned_threads: int = 0
     ledger_error: str | None = None
     run_totals: dict[str, int] | None = None
+    memory: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ._adaptive import Auto
+from ._budget import MemoryBudget
 from ._contract import Context, SharedResources, describe, is_factory, stage_kind, workload
 from ._definition import LedgerStore, PipelineDefinition
 from ._exceptions import ConfigError, PipelineError, ResourceError
@@ -132,7 +134,9 @@ class Run:
             if self.run_dir is not None
             else (report_path.with_suffix(".dead_letters.jsonl") if report_path else None)
         )
-        self.tally = Tally(DeadLetterWriter(dead_path, self.run_id))
+        budget = pipeline.memory_budget
+        self.budget = MemoryBudget(budget) if isinstance(budget, int) else None
+        self.tally = Tally(DeadLetterWriter(dead_path, self.run_id), self.budget)
         # One limiter per database, shared by every stage that touches it.
         self._databases = {name: db.handle(name) for name, db in pipeline.databases.items()}
         self.stages: list[StageRun] = []
@@ -525,7 +529,17 @@ class Run:
             not_retried=feeder.not_retried,
             abandoned_threads=self.executor.abandoned,
             run_totals=totals,
+            memory=self._memory(),
         )
+
+    def _memory(self) -> dict[str, int]:
+        """The process's peak RSS, and with a budget what the items were charged at most."""
+        # ru_maxrss is in KiB on Linux (bytes on macOS, where this undercounts nothing).
+        out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.budget is not None:
+            out["budget_bytes"] = self.budget.total
+            out["peak_charged_bytes"] = self.budget.peak
+        return out
 
     def _new_watermark(self, report: RunReport) -> str | None:
         """The watermark to remember: only after a run in which every item read ended well.

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ._adaptive import Auto, Controller, make_controller
-from ._contract import Kind, describe
+from ._budget import weigh
+from ._contract import Kind, describe, estimate_of
 from ._definition import Stage, parse_rate
 from ._exceptions import RetryAfter, Skip, StageMisuse, StageTimeout
 from ._limiter import CapacityLimiter
@@ -134,6 +135,10 @@ class StageRun:
         self._retryable = spec.retry.retryable
         self._fanout = kind in ("async-gen", "thread-gen")
         self._attempt = self._attempt_async if kind in ("async", "async-gen") else self._attempt_thread
+        # With a memory budget: items are weighed when handed on, and a stage that declared
+        # what its attempts allocate (@pipeline.weighs) holds that for the attempt's duration.
+        self._weighed = tally.budget is not None
+        self._estimate = estimate_of(spec.fn) if self._weighed else None
         self._capacity_s = 0.0
         self._capacity_mark = time.perf_counter()
         self._capacity_total = limiter.total
@@ -215,7 +220,7 @@ class StageRun:
                 if self._gate is not None:
                     await self._wait_gate()
                 try:
-                    result = await attempt(item)
+                    result = await (attempt(item) if self._estimate is None else self._holding(item, ticket))
                 except Exception as exc:
                     result = await self._recover(item, ticket, exc)
                     if result is _ENDED:
@@ -223,6 +228,8 @@ class StageRun:
                 # The item succeeded here, at the first attempt or a later one.
                 stats.ok += 1
                 self._streak = 0
+                if self._weighed:
+                    self._tally.reweigh(ticket, sum(map(weigh, result)) if fanout else weigh(result))
                 if fanout:
                     await self._emit_children(result, ticket)
                 elif outq is None:
@@ -273,6 +280,19 @@ class StageRun:
         if self._fanout or type(result) is not dict:
             self._check(result)
         return result
+
+    async def _holding(self, item: dict[str, Any], ticket: Ticket) -> Any:
+        """One attempt, counting what the stage declared it allocates for ``item``."""
+        assert self._estimate is not None
+        try:
+            held = max(0, int(self._estimate(item)))
+        except Exception:  # an estimate is advice: a broken one must not fail the item
+            held = 0
+        self._tally.reweigh(ticket, ticket.weight, held)
+        try:
+            return await self._attempt(item)
+        finally:
+            self._tally.reweigh(ticket, ticket.weight, 0)
 
     async def _take_slot(self) -> None:
         """A rate token (if the stage has a ``rate``), then a slot of the stage's cap."""
@@ -441,7 +461,10 @@ class StageRun:
                     attempts += 1
                     if self._gate is not None:
                         await self._wait_gate()
-                    result = await self._attempt(item)
+                    if self._estimate is None:
+                        result = await self._attempt(item)
+                    else:
+                        result = await self._holding(item, ticket)
                     ticket.attempts = max(ticket.attempts, attempts)
                     return result
         except Skip:

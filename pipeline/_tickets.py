@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._budget import MemoryBudget, weigh
 from ._ledger import RunLedger
 from ._report import DeadLetterWriter
 
@@ -20,7 +21,21 @@ __all__ = ["Tally", "Ticket"]
 class Ticket:
     """One source item's fate; fan-out children share it."""
 
-    __slots__ = ("attempts", "error", "failed", "key", "ok", "pending", "skip", "stage")
+    __slots__ = (
+        "attempts",
+        "charged",
+        "error",
+        "failed",
+        "held",
+        "key",
+        "ok",
+        "peak",
+        "pending",
+        "reserve",
+        "skip",
+        "stage",
+        "weight",
+    )
 
     def __init__(self, key: object):
         self.key = key
@@ -31,6 +46,13 @@ class Ticket:
         self.attempts = 1
         self.stage: str | None = None
         self.error: str | None = None
+        # With a memory budget: what the item weighs (measured when a stage hands it on), what
+        # attempts hold for it, its reserve at admission, what it is charged, its heaviest.
+        self.weight = 0
+        self.held = 0
+        self.reserve = 0
+        self.charged = 0
+        self.peak = 0
 
 
 class Tally:
@@ -38,10 +60,12 @@ class Tally:
 
     Args:
         dead: Where failed items are written.
+        budget: The memory budget, if the run has one.
     """
 
-    def __init__(self, dead: DeadLetterWriter):
+    def __init__(self, dead: DeadLetterWriter, budget: MemoryBudget | None = None):
         self.dead = dead
+        self.budget = budget
         self.ledger: RunLedger | None = None
         self.read = 0
         self.ok = 0
@@ -80,7 +104,27 @@ class Tally:
             if ticket.pending == 0:
                 self._close(ticket)
 
+    async def admit(self, ticket: Ticket, row: dict[str, Any]) -> None:
+        """With a memory budget: wait until ``row`` may enter, and charge its ticket."""
+        assert self.budget is not None
+        ticket.weight = ticket.peak = weigh(row)
+        ticket.reserve = ticket.charged = await self.budget.admit(ticket.weight)
+
+    def reweigh(self, ticket: Ticket, weight: int, held: int = 0) -> None:
+        """With a memory budget: ``ticket``'s item now weighs ``weight`` and its attempt holds
+        ``held`` more (summed over fan-out children by the caller)."""
+        assert self.budget is not None
+        ticket.weight, ticket.held = weight, held
+        now = weight + held
+        if now > ticket.peak:
+            ticket.peak = now
+        charge = max(ticket.reserve, now)
+        self.budget.charge(charge - ticket.charged)
+        ticket.charged = charge
+
     def _close(self, ticket: Ticket) -> None:
+        if self.budget is not None:
+            self.budget.ended(ticket.charged, ticket.peak)
         open_ = self.open
         if open_.get(ticket.key) is ticket:  # a rejected duplicate never entered
             del open_[ticket.key]
