@@ -122,6 +122,8 @@ class Context:
         self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
         self.ceiling: int | None = None
         """The lowest hard ceiling declared with :meth:`cap_at` (or by :meth:`database`)."""
+        self.estimate: Callable[[Item], int] | None = None
+        """What an attempt allocates per item, as declared with :meth:`weighs`."""
         self.run_id = run_id
         self.stage = stage
         self.limiter = limiter
@@ -146,6 +148,12 @@ class Context:
         # More slots than the database's pool only queue in front of it.
         self.cap_at(handle.limiter.total)
         return handle
+
+    def weighs(self, estimate: Callable[[Item], int]) -> None:
+        """Declare what each attempt of this stage allocates for an item, for ``memory_budget``
+        (see :func:`pipeline.weighs`, the decorator for a plain stage function): a factory
+        knows its options, so it can say, for example, ``ctx.weighs(lambda item: max_bytes)``."""
+        self.estimate = estimate
 
     def cap_at(self, ceiling: int) -> None:
         """Declare a hard ceiling for this stage's cap, such as a pool size.

@@ -383,6 +383,7 @@ class Run:
                 on_trip=self._trip,
                 on_stuck=self._fail_run,
                 started=self.started,
+                estimate=ctx.estimate if ctx is not None else None,
             )
             if ctx is not None and ctx.ceiling is not None and stage.auto is not None:
                 stage.auto = _clamp(stage.auto, ctx.ceiling)

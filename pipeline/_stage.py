@@ -84,6 +84,8 @@ class StageRun:
         on_trip: Called with ``(stage, error, streak)`` when the breaker trips.
         on_stuck: Called with a message when every slot is held by abandoned calls.
         started: ``time.perf_counter()`` at the start of the run, for the limit trace.
+        estimate: What an attempt allocates per item, as the stage's factory declared it
+            (``ctx.weighs``); else what ``@pipeline.weighs`` on ``spec.fn`` says.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class StageRun:
         on_trip: Callable[[str, BaseException, int], None],
         on_stuck: Callable[[str], None],
         started: float,
+        estimate: Callable[[dict[str, Any]], int] | None = None,
     ):
         self.spec = spec
         self.name = spec.name
@@ -138,7 +141,7 @@ class StageRun:
         # With a memory budget: items are weighed when handed on, and a stage that declared
         # what its attempts allocate (@pipeline.weighs) holds that for the attempt's duration.
         self._weighed = tally.budget is not None
-        self._estimate = estimate_of(spec.fn) if self._weighed else None
+        self._estimate = (estimate or estimate_of(spec.fn)) if self._weighed else None
         self._capacity_s = 0.0
         self._capacity_mark = time.perf_counter()
         self._capacity_total = limiter.total

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from pipeline import ConfigError, Pipeline, Stage, weighs
+from pipeline import ConfigError, Context, Pipeline, Stage, factory, weighs
 from pipeline._budget import parse_size, weigh
 from pipeline.testing import memory_source
 
@@ -114,3 +116,35 @@ def test_weight_is_the_bytes_an_item_holds() -> None:
     """Bytes-like values count, one level into lists and dicts; other values do not."""
     item = {"id": 1, "body": b"x" * 10, "thumbs": [b"a" * 3, "text"], "meta": {"raw": bytearray(5)}}
     assert weigh(item) == 18
+
+
+async def test_a_factory_declares_what_its_attempts_allocate() -> None:
+    """A factory that calls ctx.weighs(...) is charged that much per attempt, as @weighs does."""
+    running = 0
+    peak = 0
+
+    @factory
+    @contextlib.asynccontextmanager
+    async def fetch(ctx: Context, *, max_bytes: int) -> AsyncIterator[Callable[..., Any]]:
+        ctx.weighs(lambda item: max_bytes)
+
+        async def call(item: dict[str, Any]) -> dict[str, Any]:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0)
+            running -= 1
+            return item
+
+        yield call
+
+    p = Pipeline(
+        source=memory_source([{"id": i} for i in range(10)]),
+        stages=[Stage(fetch, concurrency=4, options={"max_bytes": 10 * MB})],
+        report_dir=None,
+        ledger=False,
+        memory_budget="25MB",
+    )
+    report = await p.run_async(progress=False)
+    assert report.items.ok == 10
+    assert peak <= 2
