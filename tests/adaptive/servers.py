@@ -8,6 +8,8 @@
   server thrashes past its capacity: so the best fixed cap is ``knee``;
 * a *rate wall*: with ``wall`` set, a token bucket of ``wall`` requests per second (``burst``
   deep); a request over it gets ``429 Too Many Requests`` at once;
+* a *concurrency wall*: with ``wall_in_flight`` set, a request that arrives while that many are
+  being answered gets a 429 at once: a wall that does not depend on how fast the client is;
 * a *shift*: :meth:`KneeServer.shift` changes the knee while requests are being served, and
   ``shift_after`` does it by itself after that many answers.
 
@@ -57,7 +59,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            self.server.owner._leave()
+            self.server.owner._leave(status)
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -79,6 +81,7 @@ class KneeServer:
         burst: Depth of the wall's token bucket; a tenth of a second's worth by default.
         shift_after: After this many answers, the knee becomes ``shift_to``.
         shift_to: The knee after the shift.
+        wall_in_flight: Requests being answered before 429s, or ``None`` for no such wall.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class KneeServer:
         burst: float | None = None,
         shift_after: int | None = None,
         shift_to: int | None = None,
+        wall_in_flight: int | None = None,
     ) -> None:
         self.base = base
         self.knee = knee
@@ -99,6 +103,8 @@ class KneeServer:
         self.burst = burst if burst is not None else max(1.0, (wall or 0) * 0.1)
         self.shift_after = shift_after
         self.shift_to = shift_to
+        self.wall_in_flight = wall_in_flight
+        self._serving = 0  # requests in flight that will be answered 200
         self._lock = threading.Lock()
         self._tokens = self.burst
         self._refilled = time.monotonic()
@@ -122,6 +128,10 @@ class KneeServer:
 
     def _enter(self) -> tuple[int, float]:
         with self._lock:
+            if self.wall_in_flight is not None and self._serving >= self.wall_in_flight:
+                self.rejected += 1
+                self.in_flight += 1
+                return 429, 0.0
             if self.wall is not None:
                 now = time.monotonic()
                 self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.wall)
@@ -132,6 +142,7 @@ class KneeServer:
                     return 429, 0.0
                 self._tokens -= 1
             self.in_flight += 1
+            self._serving += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.ok += 1
             if self.shift_after is not None and self.shift_to is not None and self.ok == self.shift_after:
@@ -140,9 +151,11 @@ class KneeServer:
         over = max(0.0, (n - k) / k)
         return 200, self.base * max(1.0, n / k) * (1 + self.degrade * over)
 
-    def _leave(self) -> None:
+    def _leave(self, status: int) -> None:
         with self._lock:
             self.in_flight -= 1
+            if status == 200:
+                self._serving -= 1
 
     def __enter__(self) -> KneeServer:
         self._thread = threading.Thread(

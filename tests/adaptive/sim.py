@@ -6,14 +6,21 @@ A call's latency is decided when it starts from the number in flight then, so a 
 optimum in advance:
 
 * a *knee*: latency is ``base`` while at most ``knee`` calls are in flight and grows linearly
-  beyond (``base * n / knee``), so throughput tops out at ``knee / base``;
+  beyond (``base * n / knee``), so throughput tops out at ``knee / base``; with ``degrade``, it
+  grows ``1 + degrade * (n - knee) / knee`` times faster than that, as :class:`KneeServer`'s
+  does (a server thrashing past its capacity), so the best fixed cap is ``knee``;
 * a *rate wall*: a token bucket of ``wall`` calls per second (``burst`` deep, a tenth of a
   second's worth by default); a call over it fails fast with
   :class:`~pipeline.Overloaded` (a 429);
 * a *shift*: ``knee`` changes to ``shift_to`` at virtual time ``shift_at``.
 
 As in the engine, a stage has as many workers as the highest limit so far; a worker whose call
-failed with ``Overloaded`` sleeps ``retry_backoff`` (holding no slot) before it takes part again.
+failed with ``Overloaded`` sleeps ``retry_backoff`` (holding no slot), then retries its item as
+soon as a slot is free. With ``max_backoff`` set the sleep doubles with each failure of the same
+item up to ``max_backoff``, plus up to ``retry_jitter``, as a :class:`~pipeline.Retry` does.
+
+By default the stage has items for ever and runs for a set duration; with ``items`` it has that
+many, and the run ends when the last has been answered (``SimResult.elapsed``).
 
 Noise comes from a seeded ``random.Random``, so every run of a test is the same run.
 """
@@ -29,6 +36,19 @@ from pipeline import Overloaded
 from pipeline._adaptive import Controller
 
 
+class FixedCap:
+    """A controller that never moves the limit: a fixed ``concurrency``, to compare with."""
+
+    interval = 0.05
+
+    def observe(self, latency: float, error: BaseException | None, in_flight: int) -> None:
+        """Ignore the attempt."""
+
+    def update(self, now: float, in_flight: int, limit: int) -> int:
+        """Keep ``limit``."""
+        return limit
+
+
 class VirtualClock:
     """A clock the test moves by hand."""
 
@@ -41,11 +61,18 @@ class VirtualClock:
 
 @dataclass
 class SimResult:
-    """What a simulated run did: completions, 429s and the limit after each update."""
+    """What a simulated run did: completions, 429s, the limit after each update, and (with
+    ``items``) when the last item was answered."""
 
     ok: int = 0
     overloaded: int = 0
     trace: list[tuple[float, int]] = field(default_factory=list)
+    elapsed: float | None = None
+
+    @property
+    def overloaded_share(self) -> float:
+        """The share of calls that got a 429."""
+        return self.overloaded / max(1, self.ok + self.overloaded)
 
     def limits_between(self, start: float, end: float) -> list[int]:
         """The limits set by updates in ``[start, end)``."""
@@ -58,6 +85,7 @@ class SimService:
 
     base: float = 0.02
     knee: int = 16
+    degrade: float = 0.0
     shift_at: float | None = None
     shift_to: int | None = None
     wall: float | None = None
@@ -66,6 +94,9 @@ class SimService:
     arrival_rate: float | None = None
     fail_fast_every: int = 0
     retry_backoff: float = 0.1
+    max_backoff: float | None = None
+    retry_jitter: float = 0.0
+    items: int | None = None
     seed: int = 1
 
     def knee_at(self, t: float) -> int:
@@ -73,12 +104,21 @@ class SimService:
             return self.shift_to
         return self.knee
 
-    def run(self, controller: Controller, clock: VirtualClock, *, limit: int, duration: float) -> SimResult:
-        """Drive ``controller`` for ``duration`` virtual seconds, starting at ``limit``."""
+    def run(
+        self, controller: Controller, clock: VirtualClock, *, limit: int, duration: float = float("inf")
+    ) -> SimResult:
+        """Drive ``controller`` for ``duration`` virtual seconds (or until ``items`` are answered),
+        starting at ``limit``."""
+        if self.items is None and duration == float("inf"):
+            raise ValueError("a run needs a duration or a number of items")
         rng = random.Random(self.seed)
         result = SimResult()
-        events: list[tuple[float, int, float, BaseException | None]] = []
-        wakes: list[float] = []
+        # (when, seq, latency, error, failures of the item so far)
+        events: list[tuple[float, int, float, BaseException | None, int]] = []
+        wakes: list[tuple[float, int]] = []  # workers sleeping before a retry: (until, failures)
+        ready: list[int] = []  # workers awake with an item to retry, waiting for a slot
+        fresh = self.items if self.items is not None else -1  # items never started; -1: endless
+        answered = 0
         workers = limit
         seq = 0
         in_flight = 0
@@ -90,7 +130,7 @@ class SimService:
         next_update = controller.interval
         calls = 0
 
-        def start(now: float) -> None:
+        def start(now: float, failures: int) -> None:
             nonlocal seq, in_flight, tokens, last_refill, calls
             in_flight += 1
             calls += 1
@@ -109,30 +149,44 @@ class SimService:
             else:
                 knee = self.knee_at(now)
                 latency = self.base * max(1.0, in_flight / knee)
+                if self.degrade:
+                    latency *= 1 + self.degrade * max(0.0, (in_flight - knee) / knee)
                 if self.jitter:
                     latency *= 1 + rng.uniform(-self.jitter, self.jitter)
             seq += 1
-            heapq.heappush(events, (now + latency, seq, latency, error))
+            heapq.heappush(events, (now + latency, seq, latency, error, failures))
+
+        def backoff(failures: int) -> float:
+            if self.max_backoff is None:
+                return self.retry_backoff
+            pause = min(self.max_backoff, self.retry_backoff * 2 ** (failures - 1))
+            return pause + (rng.uniform(0, self.retry_jitter) if self.retry_jitter else 0.0)
 
         def fill(now: float) -> None:
-            nonlocal backlog, last_arrival
+            nonlocal backlog, last_arrival, fresh
             if self.arrival_rate is not None:
                 backlog += (now - last_arrival) * self.arrival_rate
                 last_arrival = now
+            while ready and in_flight < limit:
+                start(now, ready.pop(0))
             while (
                 in_flight < limit
-                and in_flight + len(wakes) < workers
+                and in_flight + len(wakes) + len(ready) < workers
+                and fresh != 0
                 and (self.arrival_rate is None or backlog >= 1)
             ):
                 if self.arrival_rate is not None:
                     backlog -= 1
-                start(now)
+                if fresh > 0:
+                    fresh -= 1
+                start(now, 0)
 
         fill(0.0)
         while True:
             t_event = events[0][0] if events else float("inf")
-            if wakes and wakes[0] <= min(t_event, next_update):
-                clock.now = heapq.heappop(wakes)
+            if wakes and wakes[0][0] <= min(t_event, next_update):
+                clock.now, failures = heapq.heappop(wakes)
+                ready.append(failures)
                 fill(clock.now)
                 continue
             if next_update <= t_event:
@@ -145,15 +199,19 @@ class SimService:
                 next_update += controller.interval
                 fill(clock.now)
                 continue
-            now, _, latency, error = heapq.heappop(events)
+            now, _, latency, error, failures = heapq.heappop(events)
             clock.now = now
             controller.observe(latency, error, in_flight)
             in_flight -= 1
-            if error is None:
-                result.ok += 1
-            elif isinstance(error, Overloaded):
+            if isinstance(error, Overloaded):
                 result.overloaded += 1
-                heapq.heappush(wakes, now + self.retry_backoff)
+                heapq.heappush(wakes, (now + backoff(failures + 1), failures + 1))
+            else:
+                result.ok += error is None
+                answered += 1
+                if answered == self.items:
+                    result.elapsed = now
+                    break
             fill(now)
         return result
 

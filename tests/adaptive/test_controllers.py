@@ -7,9 +7,10 @@ import statistics
 import pytest
 
 from pipeline import Auto, Overloaded, RetryAfter, StageTimeout, TransientError
-from pipeline._adaptive import GradientController, ThroughputController, is_loss, make_controller
+from pipeline._adaptive import Controller, GradientController, ThroughputController, is_loss, make_controller
 
-from .sim import SimService, VirtualClock, drive_throughput
+from .servers import fetch
+from .sim import FixedCap, SimService, VirtualClock, drive_throughput
 
 
 def gradient(initial: int = 4, *, low: int = 1, high: int = 256) -> tuple[GradientController, VirtualClock]:
@@ -228,6 +229,49 @@ def test_is_loss() -> None:
     assert not is_loss(TransientError("x"))
     assert not is_loss(ValueError("x"))
     assert not is_loss(None)
+
+
+# -- auto against a fixed cap, as test_integration.py runs them, in virtual time -------------------
+
+
+def auto(concurrency: Auto) -> tuple[Controller, VirtualClock, int]:
+    """The controller a run builds for ``concurrency`` on the :func:`fetch` stage, its clock, and
+    the limit it starts from."""
+    clock = VirtualClock()
+    resolved = concurrency.resolve(fetch)
+    assert resolved.initial is not None
+    return make_controller(resolved, resolved.initial, clock=clock), clock, resolved.initial
+
+
+# The integration tests' Retry(attempts=50, backoff=0.02, max_backoff=0.2, jitter=0.02).
+RETRY = {"retry_backoff": 0.02, "max_backoff": 0.2, "retry_jitter": 0.02}
+
+
+def test_auto_approaches_the_best_fixed_cap_on_a_knee() -> None:
+    """On a service whose knee is 8 in flight (KneeServer's shape: 20 ms, degrade 0.3), 300 items
+    with auto take at most 1/0.6 of the time a fixed cap of 8 (the optimum) takes: at least 60%
+    of its throughput, ramp-up included, and the limit rises above the initial 4."""
+    service = SimService(base=0.02, knee=8, degrade=0.3, items=300, **RETRY)
+    fixed = service.run(FixedCap(), VirtualClock(), limit=8)
+    controller, clock, initial = auto(Auto(max=64))
+    adaptive = service.run(controller, clock, limit=initial)
+    assert fixed.ok == adaptive.ok == 300
+    assert fixed.elapsed is not None
+    assert adaptive.elapsed is not None
+    assert 300 / adaptive.elapsed >= 0.6 * 300 / fixed.elapsed
+    assert max(limit for _, limit in adaptive.trace) > 4
+
+
+def test_auto_backs_off_a_rate_wall() -> None:
+    """Against a 429 wall at 200/s (20 ms answers: 4 in flight), auto starting at 16 gets under
+    half the share of 429s a fixed cap of 16 gets over 400 items, and ends below 16."""
+    service = SimService(base=0.02, knee=10_000, wall=200, items=400, **RETRY)
+    fixed = service.run(FixedCap(), VirtualClock(), limit=16)
+    controller, clock, initial = auto(Auto(initial=16, max=64))
+    adaptive = service.run(controller, clock, limit=initial)
+    assert fixed.ok == adaptive.ok == 400
+    assert adaptive.overloaded_share < fixed.overloaded_share / 2
+    assert adaptive.trace[-1][1] < 16
 
 
 # -- the throughput controller, against a simulated CPU stage -------------------------------------
