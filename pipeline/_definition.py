@@ -182,9 +182,48 @@ def validate_options(
         checked = model(**known)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        loc, ctx, kind = err["loc"], err.get("ctx", {}), err["type"]
+        name = str(loc[0]) if loc else "?"
+        where = name + "".join(f"[{part!r}]" for part in loc[1:])
+        # pydantic's own wording ("Input should be ...") becomes "<option> must be ..., got ...".
+        ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+        if kind.startswith(("greater_than", "less_than")):
+            # pydantic names only the bound that failed; an option's other bound belongs in the sentence.
+            meta = model.model_fields[name].metadata if len(loc) == 1 else []
+            written = {k: getattr(m, k) for m in meta for k in ops if getattr(m, k, None) is not None}
+            bounds = {**ctx, **written}  # as written: the context shows a float option's 0 as 0.0
+            need = " and ".join(f"{ops[k]} {bounds[k]}" for k in ops if k in bounds)
+            if bounds.keys() == {"ge", "le"}:
+                need = f"between {bounds['ge']} and {bounds['le']}"
+        elif kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+            need = "non-empty"
+        else:
+            need = {
+                "bool_type": "true or false",
+                "bool_parsing": "true or false",
+                "int_type": "an integer",
+                "int_parsing": "an integer",
+                "int_from_float": "an integer",
+                "float_type": "a number",
+                "float_parsing": "a number",
+                "finite_number": "a finite number",
+                "string_type": "a string",
+                "list_type": "a list",
+                "dict_type": "a table",
+                "literal_error": f"one of {ctx.get('expected')}",
+                "too_short": f"at least {ctx.get('min_length')} long",
+                "string_too_short": f"at least {ctx.get('min_length')} characters long",
+                "string_too_long": f"at most {ctx.get('max_length')} characters long",
+                "string_pattern_mismatch": f"matching the pattern {ctx.get('pattern')!r}",
+            }.get(kind, "")
+        if kind in ("value_error", "assertion_error"):
+            detail = str(ctx["error"])  # a validator's own sentence, naming the value and the fix
+        elif need:
+            detail = f"{where} must be {need}, got {err['input']!r}"
+        else:
+            detail = f"{where}: {err['msg']}"
         raise ConfigError(
-            f"option {name!r} = {known.get(name)!r} is invalid: {err['msg']} "
+            f"option {name!r} = {known.get(name)!r} is invalid: {detail} "
             f"(see the signature of {describe(fn)})",
             location=name,
         ) from None

@@ -37,11 +37,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal
-
-import pydantic
+from typing import IO, Any, Literal
 
 from pipeline import Context, ResourceError, factory
+
+from ._options import FieldName, Flag, Seconds, checked_options
 
 try:
     import fcntl
@@ -236,15 +236,16 @@ def _lock_and_clean(root: Path, stale_after: float) -> tuple[int | None, list[Pa
 
 
 @factory
+@checked_options  # the engine checks a run's options; this checks a direct call's, once
 @contextlib.asynccontextmanager
 async def write(
     ctx: Context,
     *,
     root: str,
-    fsync: bool = False,
-    key_field: str = "id",
+    fsync: Flag = False,
+    key_field: FieldName = "id",
     layout: Layout = "nested",
-    stale_after: Annotated[float, pydantic.Field(ge=0)] = STALE_AFTER,
+    stale_after: Seconds = STALE_AFTER,
 ) -> AsyncIterator[Callable[[dict[str, Any]], dict[str, Any]]]:
     """Stage: write every thumbnail of an item under ``root``, atomically (see :func:`write_item`).
 
@@ -264,12 +265,9 @@ async def write(
 
     Raises:
         ResourceError: The root cannot be created or opened (a file in the way, no permission).
-        ValueError: ``layout`` or ``stale_after`` is invalid.
+        ConfigError: On a direct call, an option is invalid (also a ``ValueError``); in a run
+            the engine refuses it when the stage is defined, before anything runs.
     """
-    if layout not in ("nested", "sharded"):
-        raise ValueError(f"layout must be 'nested' or 'sharded', got {layout!r}")
-    if isinstance(stale_after, bool) or not isinstance(stale_after, int | float) or stale_after < 0:
-        raise ValueError(f"stale_after must be a number of seconds >= 0, got {stale_after!r}")
     root_path = Path(root)
     try:
         fd, removed, alone = await asyncio.to_thread(_lock_and_clean, root_path, float(stale_after))

@@ -28,15 +28,15 @@ import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import aiolimiter
+import pydantic
 import requests
 import requests.adapters
 from urllib3.util.retry import Retry as _Urllib3Retry
 
 from pipeline import (
-    ConfigError,
     Context,
     Item,
     Overloaded,
@@ -44,6 +44,17 @@ from pipeline import (
     TransientError,
     factory,
     parse_rate,
+)
+
+from ._options import (
+    FieldName,
+    Flag,
+    NonNegativeInt,
+    PositiveInt,
+    PositiveSeconds,
+    Rate,
+    Seconds,
+    checked_options,
 )
 
 __all__ = ["DEFAULT_USER_AGENT", "DownloadError", "download"]
@@ -150,6 +161,37 @@ def _host_patterns(hosts: list[str]) -> tuple[frozenset[str], tuple[str, ...]]:
         frozenset(h for h in cleaned if not h.startswith("*.")),
         tuple(h[1:] for h in cleaned if h.startswith("*.")),
     )
+
+
+def _host_list(value: object, info: pydantic.ValidationInfo) -> object:
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            f"{info.field_name} must be a list of host names, got {value!r}; "
+            'write for example ["images.example.com", "*.cdn.example.com"]'
+        )
+    bad = [h for h in value if not isinstance(h, str) or not h.strip()]
+    if bad:
+        raise ValueError(
+            f"{info.field_name} must hold host names, got {bad[0]!r}; "
+            "write each host as a non-empty string, or remove the entry"
+        )
+    return value
+
+
+def _not_empty_hosts(value: list[str], info: pydantic.ValidationInfo) -> list[str]:
+    if not value:
+        raise ValueError(
+            f"{info.field_name} is an empty list, which refuses every URL; "
+            "list the hosts to allow, or remove the option to allow any host"
+        )
+    return value
+
+
+HostList = Annotated[list[str], pydantic.BeforeValidator(_host_list)]
+"""Host names, each exact (``"example.com"``) or a ``"*.suffix"`` pattern."""
+
+AllowedHosts = Annotated[HostList, pydantic.AfterValidator(_not_empty_hosts)]
+"""A :data:`HostList` that is not empty (an empty allow-list would refuse every URL)."""
 
 
 class _HostCheck:
@@ -378,55 +420,6 @@ class _Sessions:
             session.close()
 
 
-def _check_options(
-    *,
-    url_field: str,
-    connect_timeout: float,
-    read_timeout: float,
-    max_bytes: int,
-    allowed_hosts: list[str] | None,
-    denied_hosts: list[str] | None,
-    deny_private: bool,
-    max_redirects: int,
-    max_retry_after: float,
-    rate_per_host: str | None,
-) -> None:
-    if rate_per_host is not None:
-        if not isinstance(rate_per_host, str):
-            raise ConfigError(f'download: rate_per_host must be a rate such as "10/s", got {rate_per_host!r}')
-        try:
-            parse_rate(rate_per_host)
-        except ConfigError as exc:
-            raise ConfigError(f"download: rate_per_host: {exc.message}") from None
-    if not isinstance(url_field, str) or not url_field:
-        raise ConfigError(f"download: url_field must be a non-empty field name, got {url_field!r}")
-    for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
-        if not value > 0:
-            raise ConfigError(f"download: {name} must be > 0 seconds, got {value!r}")
-    if max_bytes < 1:
-        raise ConfigError(f"download: max_bytes must be >= 1, got {max_bytes!r}")
-    if max_redirects < 0:
-        raise ConfigError(f"download: max_redirects must be >= 0, got {max_redirects!r}")
-    if not max_retry_after >= 0:
-        raise ConfigError(f"download: max_retry_after must be >= 0 seconds, got {max_retry_after!r}")
-    if allowed_hosts is not None:
-        if not allowed_hosts:
-            raise ConfigError(
-                "download: allowed_hosts is an empty list, which refuses every URL; "
-                "list the hosts to allow, or remove the option to allow any host"
-            )
-    for option, hosts in (("allowed_hosts", allowed_hosts), ("denied_hosts", denied_hosts)):
-        if hosts is None:
-            continue
-        if not isinstance(hosts, list):
-            raise ConfigError(f"download: {option} must be a list of host names, got {hosts!r}")
-        bad = [h for h in hosts if not isinstance(h, str) or not h.strip()]
-        if bad:
-            raise ConfigError(f"download: {option} must hold host names, got {bad[0]!r}")
-    if not isinstance(deny_private, bool):
-        raise ConfigError(f"download: deny_private must be true or false, got {deny_private!r}")
-
-
 def _drain(response: requests.Response) -> None:
     """Read a small error body to its end, so the connection is reused rather than dropped."""
     length = response.headers.get("Content-Length", "")
@@ -461,23 +454,24 @@ def _translate(
 
 
 @factory
+@checked_options  # the engine checks a run's options; this checks a direct call's, once
 @contextlib.asynccontextmanager
 async def download(
     ctx: Context,
     *,
-    url_field: str = "url",
-    connect_timeout: float = 5.0,
-    read_timeout: float = 30.0,
-    max_bytes: int = 50_000_000,
-    allowed_hosts: list[str] | None = None,
-    denied_hosts: list[str] | None = None,
-    deny_private: bool = False,
-    max_redirects: int = 5,
-    max_retry_after: float = 300.0,
+    url_field: FieldName = "url",
+    connect_timeout: PositiveSeconds = 5.0,
+    read_timeout: PositiveSeconds = 30.0,
+    max_bytes: PositiveInt = 50_000_000,
+    allowed_hosts: AllowedHosts | None = None,
+    denied_hosts: HostList | None = None,
+    deny_private: Flag = False,
+    max_redirects: NonNegativeInt = 5,
+    max_retry_after: Seconds = 300.0,
     headers: dict[str, str] | None = None,
     user_agent: str = DEFAULT_USER_AGENT,
-    trust_env: bool = True,
-    rate_per_host: str | None = None,
+    trust_env: Flag = True,
+    rate_per_host: Rate | None = None,
 ) -> AsyncIterator[Callable[[Item], Item]]:
     """Download ``item[url_field]``; a blocking stage, run in the engine's thread pool.
 
@@ -527,20 +521,9 @@ async def download(
         ``fetch(item) -> item``, a plain function.
 
     Raises:
-        ConfigError: An option is out of range.
+        ConfigError: On a direct call, an option is out of range (also a ``ValueError``); in a
+            run the engine refuses it when the stage is defined, before anything runs.
     """
-    _check_options(
-        url_field=url_field,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        max_bytes=max_bytes,
-        allowed_hosts=allowed_hosts,
-        denied_hosts=denied_hosts,
-        deny_private=deny_private,
-        max_redirects=max_redirects,
-        max_retry_after=max_retry_after,
-        rate_per_host=rate_per_host,
-    )
     rates = None if rate_per_host is None else _HostRates(asyncio.get_running_loop(), rate_per_host)
     check = _HostCheck(allowed_hosts, denied_hosts, deny_private)
     pool_size = ctx.max_concurrency

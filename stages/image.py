@@ -31,6 +31,7 @@ orientation), ``source_format`` (Pillow's name, for example ``"JPEG"``) and ``th
 
 from __future__ import annotations
 
+import collections
 import io
 import struct
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ import pydantic
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import cpu_bound
+
+from ._options import FieldName, PositiveInt, checked_options
 
 __all__ = ["ImageDecodeError", "ImageTooLargeError", "thumbnail"]
 
@@ -53,6 +56,23 @@ _WHITE = 255
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 
 
+def _distinct(sizes: Sequence[int]) -> Sequence[int]:
+    repeated = sorted(size for size, count in collections.Counter(sizes).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"sizes must be distinct (a thumbnail is named after its size), got {list(sizes)!r}; "
+            f"drop the repeated {', '.join(map(str, repeated))}"
+        )
+    return sizes
+
+
+Sizes = Annotated[Sequence[PositiveInt], pydantic.Field(min_length=1), pydantic.AfterValidator(_distinct)]
+"""Thumbnail sizes in pixels: at least one, each >= 1, no two alike."""
+
+Quality = Annotated[PositiveInt, pydantic.Field(le=100)]
+"""Encoder quality, 1 to 100."""
+
+
 class ImageDecodeError(ValueError):
     """The body is not an image Pillow can decode (empty, truncated, corrupt or not an image)."""
 
@@ -62,17 +82,15 @@ class ImageTooLargeError(ImageDecodeError):
 
 
 @cpu_bound  # with concurrency = "auto": tuned by throughput, capped at the cores
+@checked_options  # the engine checks a run's options; this checks a direct call's, once per set
 def thumbnail(
     item: dict[str, Any],
     *,
-    sizes: Annotated[Sequence[Annotated[int, pydantic.Field(ge=1)]], pydantic.Field(min_length=1)] = (
-        1024,
-        256,
-    ),
+    sizes: Sizes = (1024, 256),
     format: OutputFormat = "WEBP",
-    quality: Annotated[int, pydantic.Field(ge=1, le=100)] = 85,
-    max_pixels: Annotated[int, pydantic.Field(ge=1)] = 40_000_000,
-    body_field: str = "body",
+    quality: Quality = 85,
+    max_pixels: PositiveInt = 40_000_000,
+    body_field: FieldName = "body",
 ) -> dict[str, Any]:
     """Decode the item's image and make one thumbnail per size.
 
@@ -97,9 +115,9 @@ def thumbnail(
     Raises:
         ImageDecodeError: The body is missing, empty, truncated, corrupt or not an image.
         ImageTooLargeError: The image declares more than ``max_pixels`` pixels.
-        ValueError: An option is invalid.
+        ConfigError: On a direct call, an option is invalid (also a ``ValueError``); in a run
+            the engine refuses it when the stage is defined, before any item runs.
     """
-    boxes = _check_options(sizes, format, quality, max_pixels)
     body = item.get(body_field)
     content_type = item.get("content_type")
     if not isinstance(body, bytes | bytearray | memoryview):
@@ -112,7 +130,7 @@ def thumbnail(
         source_format = img.format or "unknown"
         stored_w, stored_h = img.size
         # Decode JPEGs at the smallest DCT scale still at least as large as the biggest thumbnail.
-        img.draft(None, _fit(stored_w, stored_h, max(boxes)))
+        img.draft(None, _fit(stored_w, stored_h, max(sizes)))
         _load(img, data, content_type)
         orientation = _orientation(img)
         swap = orientation in _SWAPPING_ORIENTATIONS
@@ -122,7 +140,7 @@ def thumbnail(
         try:
             current = _normalise(ImageOps.exif_transpose(img) if orientation != 1 else img)
             # Largest first, each made from the previous one: cheaper than resampling the source.
-            for size in sorted(boxes, reverse=True):
+            for size in sorted(sizes, reverse=True):
                 current = _resize(current, _fit(width, height, size))
                 encoded[size] = _encode(current, size, format, quality)
         except _DECODE_ERRORS as exc:
@@ -136,25 +154,9 @@ def thumbnail(
         width=width,
         height=height,
         source_format=source_format,
-        thumbnails=[encoded[size] for size in boxes],
+        thumbnails=[encoded[size] for size in sizes],
     )
     return result
-
-
-def _check_options(sizes: Sequence[int], format: str, quality: int, max_pixels: int) -> list[int]:
-    """Check the options of a direct call (the engine checks them once, from the annotations)."""
-    boxes = list(sizes)
-    if not boxes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in boxes):
-        raise ValueError(f"sizes must be a non-empty list of integers >= 1, got {sizes!r}")
-    if len(set(boxes)) != len(boxes):
-        raise ValueError(f"sizes must be distinct (a thumbnail is named after its size), got {sizes!r}")
-    if format not in ("JPEG", "WEBP", "PNG"):
-        raise ValueError(f"format must be one of 'JPEG', 'WEBP', 'PNG', got {format!r}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be between 1 and 100, got {quality!r}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}")
-    return boxes
 
 
 def _describe(data: bytes, content_type: object) -> str:
