@@ -33,7 +33,7 @@ import dataclasses
 import os
 
 from ._adaptive import Auto
-from ._contract import Context, DatabaseHandle, Item, cpu_bound, factory
+from ._contract import Context, DatabaseHandle, Item, UsesDatabase, cpu_bound, factory
 from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
 from ._exceptions import (
     ConfigError,
@@ -97,6 +97,7 @@ __all__ = [
     "StageReport",
     "StageTimeout",
     "TransientError",
+    "UsesDatabase",
     "cpu_bound",
     "encode_key",
     "factory",
