@@ -2,6 +2,9 @@
 
 * ``mysql://user[:password]@host[:port]/db[?unix_socket=/path]`` (``mariadb://`` too). The
   password comes from ``PIPELINE_DB_<NAME>_PASSWORD`` when that is set, else from the DSN.
+  The userinfo runs to the *last* ``@``, so a password may hold ``?``, ``#``, ``/``, ``@`` and
+  ``:`` unescaped (percent-escapes such as ``%40`` are decoded too); :func:`redact` reads it
+  the same way, so what the parser takes for the password is what it hides.
 * ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
 
 A password never appears in a message or a ``repr``: every message shows :func:`redact`'s form.
