@@ -34,7 +34,7 @@ import dataclasses
 import os
 
 from ._adaptive import Auto
-from ._contract import Context, DatabaseHandle, Item, cpu_bound, factory, weighs
+from ._contract import Context, DatabaseHandle, Item, UsesDatabase, cpu_bound, factory, weighs
 from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
 from ._exceptions import (
     ConfigError,
@@ -98,6 +98,7 @@ __all__ = [
     "StageReport",
     "StageTimeout",
     "TransientError",
+    "UsesDatabase",
     "cpu_bound",
     "encode_key",
     "factory",

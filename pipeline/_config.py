@@ -37,6 +37,8 @@ from ._pipeline import Pipeline
 __all__ = ["load_config"]
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+_TABLES = ("pipeline", "databases", "source", "stages")
+"""The file's top-level tables: a location starting with one is already absolute."""
 
 
 class _LedgerTable(BaseModel):
@@ -359,4 +361,7 @@ def load_config(path: str | os.PathLike[str]) -> Pipeline:
             memory_budget=p.memory_budget,
         )
     except ConfigError as exc:
+        if exc.location and exc.location.split(".")[0].split("[")[0] in _TABLES:
+            # Already the whole path (stages[1].database, databases.catalog.dsn).
+            raise ConfigError(exc.message, file=file, location=exc.location) from None
         raise _with_location(exc, file, "pipeline") from None

@@ -38,6 +38,7 @@ from ._limiter import CapacityLimiter
 __all__ = [
     "Context",
     "DatabaseHandle",
+    "UsesDatabase",
     "Item",
     "SharedResources",
     "cpu_bound",
@@ -76,6 +77,24 @@ class DatabaseHandle:
     dsn: str = field(repr=False)  # may carry a password
     limiter: CapacityLimiter
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UsesDatabase:
+    """In an option's annotation: the option names a ``[databases.<name>]`` entry.
+
+    ``database: Annotated[str, pipeline.UsesDatabase(check)]``. When the pipeline is defined
+    (so at ``load_config`` and ``pipeline validate``, before anything runs), the engine refuses
+    a name that is not configured, and calls ``check(name, dsn, options)`` with the named
+    entry's DSN and further keys. ``check`` raises :class:`~pipeline.ConfigError` (its
+    ``location`` the entry's key, such as ``"dsn"``) for what the stage cannot use: the engine
+    knows nothing of what a DSN or an option means.
+
+    Attributes:
+        check: Validates the entry; ``None`` checks only that it is configured.
+    """
+
+    check: Callable[[str, str, Mapping[str, Any]], None] | None = None
 
 
 class SharedResources:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from ._adaptive import Auto, check_cap
 from ._budget import parse_size
-from ._contract import DatabaseHandle, Kind, describe, is_factory, stage_kind
+from ._contract import DatabaseHandle, Kind, UsesDatabase, describe, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
 from ._limiter import CapacityLimiter
 
@@ -403,6 +404,58 @@ class LedgerStore:
 _STAGE_KEYS = ("use", *(f.name for f in dataclasses.fields(Stage) if f.name not in ("fn", "options")))
 
 
+def _database_options(fn: Callable[..., Any]) -> dict[str, tuple[UsesDatabase, Any]]:
+    """``fn``'s options annotated with :class:`UsesDatabase`: name to (marker, default)."""
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters.values()
+    except (TypeError, ValueError, NameError):
+        return {}
+    found: dict[str, tuple[UsesDatabase, Any]] = {}
+    for p in params:
+        if typing.get_origin(p.annotation) is typing.Annotated:
+            for meta in p.annotation.__metadata__:
+                if isinstance(meta, UsesDatabase):
+                    found[p.name] = (meta, None if p.default is p.empty else p.default)
+    return found
+
+
+def _check_database_options(
+    users: Sequence[tuple[str, Callable[..., Any], Mapping[str, Any]]], databases: Mapping[str, Database]
+) -> None:
+    """Check every option that names a database (see :class:`UsesDatabase`) against ``databases``.
+
+    Args:
+        users: ``(location, callable, options)`` of the source, the stages and the ledger.
+        databases: The configured entries.
+
+    Raises:
+        ConfigError: With the location of the option (``stages[1].database``) or of the entry's
+            key (``databases.catalog.dsn``).
+    """
+    checked: set[tuple[str, int]] = set()
+    for where, fn, options in users:
+        for option, (marker, default) in _database_options(fn).items():
+            name = options.get(option, default)
+            if name is None:
+                continue
+            if name not in databases:
+                known = ", ".join(sorted(databases)) or "none"
+                raise ConfigError(
+                    f"{option} = {name!r} names a database that is not configured (configured: "
+                    f"{known}); add a [databases.{name}] table or fix the name",
+                    location=f"{where}.{option}",
+                )
+            if marker.check is None or (name, id(marker.check)) in checked:
+                continue
+            checked.add((name, id(marker.check)))
+            entry = databases[name]
+            try:
+                marker.check(name, entry.dsn, entry.options)
+            except ConfigError as exc:
+                key = f".{exc.location}" if exc.location else ""
+                raise ConfigError(exc.message, location=f"databases.{name}{key}") from None
+
+
 @dataclass(frozen=True)
 class PipelineDefinition:
     """The fields of a :class:`pipeline.Pipeline` (documented there) and their checks; it adds
@@ -434,6 +487,13 @@ class PipelineDefinition:
             raise ConfigError(f"max_failures must be >= 0, got {self.max_failures!r}")
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
+        users: list[tuple[str, Callable[..., Any], Mapping[str, Any]]] = [
+            ("source", self.source.fn, self.source.options),
+            *((f"stages[{i}]", s.fn, s.options) for i, s in enumerate(self.stages)),
+        ]
+        if isinstance(self.ledger, LedgerStore):
+            users.append(("pipeline.ledger", self.ledger.fn, self.ledger.options))
+        _check_database_options(users, self.databases)
         # Names key the report; the same callable used twice gets "name-2", "name-3", ...
         seen: dict[str, int] = {}
         stages = []

@@ -138,12 +138,13 @@ class LedgerTable:
         return tuple(c.name for c in self.columns)
 
 
-# Keys and run ids fit in 255 characters, so two of them make an index any SQL store accepts.
+# Run ids fit in 255 characters; keys are any length. A store that cannot index unbounded text
+# indexes a fixed-width digest of the key instead (see LedgerSQL.lookup).
 LEDGER_ITEMS = LedgerTable(
     "items",
     (
         LedgerColumn("run_id", "text", max_length=255),
-        LedgerColumn("key", "text", max_length=255),
+        LedgerColumn("key", "text"),
         LedgerColumn("state", "text", max_length=16),
         LedgerColumn("attempts", "integer"),
         LedgerColumn("stage", "text", nullable=True, max_length=255),
@@ -175,8 +176,8 @@ class LedgerSQL:
     Both built-in ledgers use it, so the layout and the upserts are written once: the default
     renders SQLite's dialect (the :class:`SqliteLedger` file). A store with another dialect
     subclasses it and overrides the hooks, :meth:`quote`, :meth:`column_type`,
-    :meth:`new_value`, :meth:`on_conflict` and :meth:`create_table`; the statements are built
-    from them when the object is made.
+    :meth:`new_value`, :meth:`on_conflict`, :meth:`create_table` and :meth:`lookup`; the
+    statements are built from them when the object is made.
 
     Args:
         items: The name of the :data:`LEDGER_ITEMS` table in this store.
@@ -217,7 +218,8 @@ class LedgerSQL:
             "WHERE run_id = ?"
         )
         self.has_items = f"SELECT 1 AS x FROM {self.items} WHERE run_id = ? LIMIT 1"
-        self.state = f"SELECT state FROM {self.items} WHERE run_id = ? AND {key} = ?"
+        found, value = self.lookup("key")
+        self.state = f"SELECT state FROM {self.items} WHERE run_id = ? AND {found} = {value}"
         self.counts = f"SELECT state, COUNT(*) AS n FROM {self.items} WHERE run_id = ? GROUP BY state"
         self.failed = (
             f"SELECT {key} AS k, attempts, stage, error FROM {self.items} "
@@ -231,8 +233,9 @@ class LedgerSQL:
     def states(self, count: int) -> str:
         """``(k, state)`` rows for ``count`` keys; parameters ``(run_id, key, ...)``."""
         key = self.quote("key")
-        marks = ", ".join("?" for _ in range(count))
-        return f"SELECT {key} AS k, state FROM {self.items} WHERE run_id = ? AND {key} IN ({marks})"
+        found, value = self.lookup("key")
+        marks = ", ".join(value for _ in range(count))
+        return f"SELECT {key} AS k, state FROM {self.items} WHERE run_id = ? AND {found} IN ({marks})"
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -253,6 +256,12 @@ class LedgerSQL:
         """The clause that turns an ``INSERT`` into an upsert on ``key``, setting ``assignments``."""
         sets = ", ".join(f"{self.quote(c)} = {value}" for c, value in assignments.items())
         return f"ON CONFLICT ({', '.join(self.quote(c) for c in key)}) DO UPDATE SET {sets}"
+
+    def lookup(self, column: str) -> tuple[str, str]:
+        """How a point lookup finds rows by ``column``: ``(what is compared, what it is compared
+        with)``, the second holding one ``?``. By default the column itself and ``?``; a store that
+        indexes a digest of an unbounded column compares digests."""
+        return self.quote(column), "?"
 
     def create_table(self, table: LedgerTable, name: str) -> str:
         """The ``CREATE TABLE IF NOT EXISTS`` statement for ``table``, named ``name`` (quoted)."""
@@ -279,6 +288,13 @@ class BufferedLedger:
       :attr:`LedgerSQL.record`.
     * :meth:`timestamp` (optional): the ``updated_at`` value of a row recorded now, in the
       store's representation; ISO 8601 UTC text by default.
+    * :meth:`rejects_row` (optional): whether a failed :meth:`write_batch` was about one row's
+      data. Then :meth:`flush` writes the rows one by one, and sets aside (in :attr:`rejected`)
+      each row the store refuses alone, so one item's record never sinks the others'.
+
+    Attributes:
+        rejected: ``(key as JSON, reason)`` of each record the store refused, in order; those
+            items still count in the report, and a rerun of the run id does them again.
     """
 
     run_id: str
@@ -286,6 +302,7 @@ class BufferedLedger:
     def __init__(self) -> None:
         self._pending: list[tuple[Any, ...]] = []
         self._lock = asyncio.Lock()
+        self.rejected: list[tuple[str, str]] = []
 
     def timestamp(self) -> Any:
         """The value of the ``updated_at`` column for a row recorded now (ISO 8601 UTC text)."""
@@ -299,16 +316,56 @@ class BufferedLedger:
         """Queue one item's final state for the next :meth:`flush`."""
         self._pending.append((self.run_id, encode_key(key), state, attempts, stage, error, self.timestamp()))
 
+    def rejects_row(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by :meth:`write_batch`, is about a row's data (a value the store
+        refuses) rather than the store itself; by default no error is."""
+        return False
+
+    def rejected_message(self) -> str | None:
+        """A sentence naming the records the store refused (:attr:`rejected`), or ``None``."""
+        if not self.rejected:
+            return None
+        shown = "; ".join(f"key {key} ({reason})" for key, reason in self.rejected[:5])
+        more = f"; and {len(self.rejected) - 5} more" if len(self.rejected) > 5 else ""
+        count = len(self.rejected)
+        return (
+            f"the ledger refused the records of {count} item{'s' if count != 1 else ''}, which still "
+            f"count in this report but are done again by a rerun of this run id: {shown}{more}"
+        )
+
     async def flush(self) -> None:
-        """Write everything recorded so far; on failure keep it for the next flush."""
+        """Write everything recorded so far; on failure keep it for the next flush.
+
+        A failure that :meth:`rejects_row` blames on a row's data writes the rows one by one
+        instead, and sets aside the ones refused alone.
+        """
         async with self._lock:
             if not self._pending:
                 return
             batch, self._pending = self._pending, []
             try:
                 await self.write_batch(batch)
+            except Exception as exc:
+                if len(batch) > 1 and self.rejects_row(exc):
+                    await self._write_one_by_one(batch)
+                    return
+                self._pending[:0] = batch
+                raise
             except BaseException:
                 self._pending[:0] = batch
+                raise
+
+    async def _write_one_by_one(self, batch: list[tuple[Any, ...]]) -> None:
+        for i, row in enumerate(batch):
+            try:
+                await self.write_batch([row])
+            except Exception as exc:
+                if not self.rejects_row(exc):
+                    self._pending[:0] = batch[i:]
+                    raise
+                self.rejected.append((str(row[1]), f"{type(exc).__name__}: {exc}"))
+            except BaseException:
+                self._pending[:0] = batch[i:]
                 raise
 
 
@@ -389,6 +446,10 @@ class SqliteLedger(BufferedLedger):
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+
+    def rejects_row(self, exc: BaseException) -> bool:
+        """A value SQLite refuses (too big, not encodable): one row's data, not the file."""
+        return isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError | UnicodeEncodeError)
 
     async def write_batch(self, batch: list[tuple[Any, ...]]) -> None:
         """Commit ``batch`` off the event loop."""

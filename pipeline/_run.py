@@ -38,7 +38,7 @@ from ._contract import Context, SharedResources, describe, is_factory, stage_kin
 from ._definition import LedgerStore, PipelineDefinition
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
-from ._ledger import RunLedger, open_sqlite_ledger
+from ._ledger import BufferedLedger, RunLedger, open_sqlite_ledger
 from ._limiter import CapacityLimiter
 from ._progress import RunSnapshot, open_progress
 from ._report import DeadLetterWriter, ItemCounts, RunReport, find_bottleneck, utc_now
@@ -278,6 +278,11 @@ class Run:
         if ledger_error is not None:
             log.error("%s", ledger_error)
             report = dataclasses.replace(report, ledger_error=ledger_error)
+        lost = ledger.rejected_message() if isinstance(ledger, BufferedLedger) else None
+        if lost is not None:
+            log.error("%s", lost)
+            joined = lost if report.ledger_error is None else f"{report.ledger_error}; {lost}"
+            report = dataclasses.replace(report, ledger_error=joined)
         return report
 
     # -- opening -------------------------------------------------------------------------

@@ -11,9 +11,11 @@ from a run.
 
 Driver errors are translated in one place, :meth:`Database._driver_errors`: lost or refused
 connections, "too many connections", lock-wait timeouts, deadlocks and SQLite's "database is
-locked" become :class:`~pipeline.TransientError` (retried); anything else becomes a
+locked" become :class:`~pipeline.TransientError` (retried where the caller's policy says: a
+stage's ``retry``, read_rows' reconnects, the ledger's next flush); anything else becomes a
 :class:`~stages.db.DatabaseError` that names the database (with its DSN redacted), what failed
-and the fix.
+and the fix, and says whether it is about one row's values (``row_data``). A database the run
+cannot reach when it opens it is a DatabaseError that says it is not retried.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import difflib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import aiomysql
 import aiosqlite
@@ -38,13 +41,14 @@ from pipeline import (
     Item,
     Overloaded,
     TransientError,
+    UsesDatabase,
 )
 
 from ._dsn import _env_name, _parse_dsn, _Target
 from ._errors import DatabaseError
 from ._sql import Dialect, Params, _quote, _translate_sql
 
-__all__ = ["Database", "execute_script", "shared_database"]
+__all__ = ["Database", "DatabaseName", "execute_script", "shared_database"]
 
 # One logger for the package, as when it was one module.
 log = logging.getLogger("stages.db")
@@ -76,8 +80,14 @@ _MYSQL_HINTS = {
     1146: "create the table or fix its name in the query",
 }
 
-_DRIVER_ERRORS = (pymysql.err.Error, sqlite3.Error, OSError)
-"""What the drivers raise; everything else (a bug, a cancellation) passes through untranslated."""
+# MySQL/MariaDB error codes about one row's values (too long, out of range, not in the
+# column's character set, NULL in a NOT NULL column): the statement fails for that row's data,
+# and would fail again on any retry, but the other rows of a batch are fine.
+_MYSQL_ROW_DATA_CODES = frozenset({1048, 1264, 1265, 1292, 1366, 1406})
+
+_DRIVER_ERRORS = (pymysql.err.Error, sqlite3.Error, OSError, UnicodeEncodeError)
+"""What the drivers raise; everything else (a bug, a cancellation) passes through untranslated.
+``UnicodeEncodeError``: a parameter the driver cannot encode (a lone surrogate)."""
 
 _DEFAULT_CONNECT_TIMEOUT = 10.0
 _DEFAULT_BUSY_TIMEOUT = 5.0
@@ -188,36 +198,83 @@ class Database(abc.ABC):
         except _DRIVER_ERRORS as exc:
             raise self._translate(exc, action) from exc
 
-    def _translate(self, exc: BaseException, action: str) -> Exception:
-        """Classify a driver error: TransientError (or Overloaded), else DatabaseError."""
-        where = f"database {self.name!r} ({self.dsn})"
+    def _classify(self, exc: BaseException) -> tuple[int | None, str, bool, bool]:
+        """``(code, label, transient, about one row's data)`` of a driver error."""
         code: int | None = None
         detail = str(exc) or type(exc).__name__
+        row_data = False
         if isinstance(exc, pymysql.err.Error):
             code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
             detail = str(exc.args[1]) if len(exc.args) > 1 else detail
             # InterfaceError means the connection was already closed under us.
             transient = isinstance(exc, pymysql.err.InterfaceError) or code in _MYSQL_TRANSIENT_CODES
+            row_data = isinstance(exc, pymysql.err.DataError) or code in _MYSQL_ROW_DATA_CODES
         elif isinstance(exc, sqlite3.Error):
             text = str(exc).lower()
             transient = isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+            row_data = isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError) or "too big" in text
+        elif isinstance(exc, UnicodeEncodeError):
+            transient, row_data = False, True
         else:
             transient = True
         label = f"error {code}: {detail}" if code is not None else f"{type(exc).__name__}: {detail}"
+        return code, label, transient, row_data
+
+    def _translate(self, exc: BaseException, action: str) -> Exception:
+        """Classify a driver error: TransientError (or Overloaded), else DatabaseError."""
+        where = f"database {self.name!r} ({self.dsn})"
+        code, label, transient, row_data = self._classify(exc)
+        # Whether the attempt is retried is the caller's policy (a stage's retry, read_rows'
+        # reconnects, the ledger's next flush), not this boundary's: say what it is, not more.
         if code == 1040:  # too many connections: a loss signal for adaptive limits
-            return Overloaded(f"{action} on {where} failed ({label}); the attempt will be retried.")
+            return Overloaded(f"{action} on {where} failed ({label}); the server is overloaded (transient).")
         if transient:
-            return TransientError(f"{action} on {where} failed ({label}); the attempt will be retried.")
-        hint = _MYSQL_HINTS.get(code or 0, "check the SQL, the tables and the DSN").format(
-            env=_env_name(self.name)
-        )
+            return TransientError(f"{action} on {where} failed ({label}); the error is transient.")
+        if row_data:
+            hint = "the row's values do not fit the table's columns: fix the data or widen the column"
+        else:
+            hint = _MYSQL_HINTS.get(code or 0, "check the SQL, the tables and the DSN").format(
+                env=_env_name(self.name)
+            )
         return DatabaseError(
             f"{action} on {where} failed ({label}); {hint}.",
             database=self.name,
             dsn=self.dsn,
             action=action,
             code=code,
+            row_data=row_data,
         )
+
+    def _unreachable(self, exc: TransientError, where: str) -> DatabaseError:
+        """The error for a database the run could not reach when it opened it: not retried."""
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        label = self._classify(cause)[1]
+        return DatabaseError(
+            f"connecting on database {self.name!r} ({self.dsn}) failed ({label}); opening a database "
+            f"is not retried, so the run stops here: check that the server is up and reachable at "
+            f"{where}, then run again.",
+            database=self.name,
+            dsn=self.dsn,
+            action="connecting",
+            code=getattr(cause, "args", (None,))[0] if isinstance(cause, pymysql.err.Error) else None,
+        )
+
+    async def columns(self, table: str) -> set[str] | None:
+        """The names of ``table``'s columns, or ``None`` when there is no such table.
+
+        Raises:
+            ConfigError: ``table`` is not a plain identifier.
+        """
+        quoted = self.quote(table)  # refuses anything but a plain identifier
+        if self.dialect == "mysql":
+            sql = (
+                "SELECT COLUMN_NAME AS name FROM information_schema.columns "
+                "WHERE table_schema = DATABASE() AND table_name = ?"
+            )
+            rows = await self.fetch_all(sql, (table,), action=f"looking for table {table!r}")
+        else:
+            rows = await self.fetch_all(f"PRAGMA table_info({quoted})", action=f"looking for table {table!r}")
+        return {str(r["name"]) for r in rows} or None
 
     @abc.abstractmethod
     async def _execute(self, sql: str, params: tuple[Any, ...], mode: Mode) -> Any: ...
@@ -366,12 +423,56 @@ class _SQLiteDatabase(Database):
             await conn.close()
 
 
-def _option_seconds(handle: DatabaseHandle, key: str, default: float) -> float:
-    """A ``[databases.<name>]`` option in seconds; the engine passes these through unchecked."""
-    value = handle.options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"databases.{handle.name}.{key} must be a number of seconds >= 0, got {value!r}")
+_OPTIONS = {
+    "connect_timeout": "MySQL: seconds to wait for a new connection",
+    "busy_timeout": "SQLite: seconds a writer waits for the file's write lock",
+    "pool_recycle": "MySQL: seconds after which an idle pooled connection is replaced",
+}
+"""The ``[databases.<name>]`` keys these stages understand beyond the engine's ``dsn`` and
+``concurrency``; each dialect ignores the other's, so a config can switch DSNs alone."""
+
+
+def _seconds(name: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ConfigError(
+            f"databases.{name}.{key} must be a number of seconds >= 0, got {value!r}; set it to one",
+            location=key,
+        )
     return float(value)
+
+
+def _option_seconds(handle: DatabaseHandle, key: str, default: float) -> float:
+    """A ``[databases.<name>]`` option in seconds (checked at definition too, by _check_entry)."""
+    return _seconds(handle.name, key, handle.options.get(key, default))
+
+
+def _check_entry(name: str, dsn: str, options: Mapping[str, Any]) -> None:
+    """Check a ``[databases.<name>]`` entry a stage of this package uses, before the run.
+
+    Raises:
+        ConfigError: The DSN is unusable (``location`` ``"dsn"``), or a key is unknown or its
+            value invalid (``location`` that key).
+    """
+    try:
+        _parse_dsn(name, dsn)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, location="dsn") from None
+    for key, value in options.items():
+        if key not in _OPTIONS:
+            close = difflib.get_close_matches(key, _OPTIONS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            known = "; ".join(f"{k} ({what})" for k, what in _OPTIONS.items())
+            raise ConfigError(
+                f"unknown key {key!r} for a database used by stages.db; {hint}it understands "
+                f"dsn, concurrency, {known}. Remove the key or fix its spelling",
+                location=key,
+            )
+        _seconds(name, key, value)
+
+
+DatabaseName = Annotated[str, UsesDatabase(_check_entry)]
+"""A stage option naming a ``[databases.<name>]`` entry: the engine refuses a name that is not
+configured, and this package checks the entry's DSN and keys, when the pipeline is defined."""
 
 
 @contextlib.asynccontextmanager
@@ -410,7 +511,11 @@ async def _open_database(
         )
     try:
         # Fail at start-up, not once per item, when the server is down or the password wrong.
-        await db.fetch_one("SELECT 1", action="connecting")
+        try:
+            await db.fetch_one("SELECT 1", action="connecting")
+        except TransientError as exc:
+            where = target.unix_socket or f"{target.host}:{target.port}"
+            raise db._unreachable(exc, where if target.dialect == "mysql" else target.path) from exc
         log.debug("opened database %r (%s) with at most %d connections", handle.name, db.dsn, size)
         yield db
     finally:
@@ -426,8 +531,8 @@ async def shared_database(ctx: Context, name: str) -> Database:
 
     Raises:
         ConfigError: The database is not configured, or its DSN or options are invalid.
-        DatabaseError: The database refused the first connection (wrong password, unknown db).
-        TransientError: The server could not be reached.
+        DatabaseError: The database refused the first connection (wrong password, unknown db),
+            or could not be reached (not retried: the run stops).
     """
     handle = ctx.database(name)
     return await ctx.shared(f"db:{handle.name}", lambda: _open_database(handle))

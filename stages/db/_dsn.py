@@ -2,6 +2,9 @@
 
 * ``mysql://user[:password]@host[:port]/db[?unix_socket=/path]`` (``mariadb://`` too). The
   password comes from ``PIPELINE_DB_<NAME>_PASSWORD`` when that is set, else from the DSN.
+  The userinfo runs to the *last* ``@``, so a password may hold ``?``, ``#``, ``/``, ``@`` and
+  ``:`` unescaped (percent-escapes such as ``%40`` are decoded too); :func:`redact` reads it
+  the same way, so what the parser takes for the password is what it hides.
 * ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
 
 A password never appears in a message or a ``repr``: every message shows :func:`redact`'s form.
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 from pipeline import ConfigError
 
@@ -21,12 +24,25 @@ from ._sql import Dialect
 __all__ = ["redact"]
 
 
+def _split_userinfo(rest: str) -> tuple[str, str | None, str]:
+    """Split what follows ``scheme://`` into ``(user, password or None, host and the rest)``.
+
+    The userinfo ends at the *last* ``@``, as the parser below reads it: a password may hold
+    ``?``, ``#``, ``/``, ``@`` and ``:`` unescaped. The user ends at its first ``:``.
+    """
+    at = rest.rfind("@")
+    if at < 0:
+        return "", None, rest
+    user, colon, password = rest[:at].partition(":")
+    return user, (password if colon else None), rest[at + 1 :]
+
+
 def redact(dsn: str) -> str:
     """Return ``dsn`` with any password replaced by ``***``, safe to log or show.
 
-    Everything up to the last ``@`` of the authority counts as the user part, so a password
-    holding an unescaped ``/`` or ``@`` is still hidden; ``password=`` and ``passwd=`` query
-    parameters are hidden too.
+    The user part runs to the last ``@`` (as the DSN parser reads it), so a password holding
+    unescaped ``?``, ``#``, ``/``, ``@`` or ``:`` is hidden whole; ``password=`` and ``passwd=``
+    query parameters are hidden too.
 
     Args:
         dsn: A DSN, well-formed or not.
@@ -35,13 +51,9 @@ def redact(dsn: str) -> str:
     if not sep:
         return dsn
     if scheme.lower() != "sqlite":
-        query_at = rest.find("?")
-        authority_end = len(rest) if query_at < 0 else query_at
-        at = rest.rfind("@", 0, authority_end)
-        if at >= 0:
-            user, colon, _ = rest[:at].partition(":")
-            if colon:
-                rest = f"{user}:***{rest[at:]}"
+        user, password, host = _split_userinfo(rest)
+        if password is not None:
+            rest = f"{user}:***@{host}"
     rest = re.sub(r"(?i)([?&](?:password|passwd)=)[^&#]*", r"\1***", rest)
     return f"{scheme}{sep}{rest}"
 
@@ -89,35 +101,54 @@ def _parse_dsn(name: str, dsn: str) -> _Target:
             f"database {name!r} has DSN {shown!r} with scheme {scheme!r}; "
             "use mysql://user@host:port/db or sqlite:///path.db"
         )
-    try:
-        parts = urlsplit(dsn)
-        port = parts.port or 3306
-    except ValueError:
-        # Not chained: a urlsplit message could quote part of the authority.
+    user, password, location = _split_userinfo(dsn.partition("://")[2])
+    hostport, slash, tail = location.partition("/")
+    path, _, query_text = tail.partition("?")
+    host, port = _host_port(hostport)
+    if host is None:
         raise ConfigError(
-            f"database {name!r} has a malformed DSN {shown!r}; write mysql://user@host:port/db"
-        ) from None
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+            f"database {name!r} has a malformed DSN {shown!r} (host and port {hostport!r}); "
+            "write mysql://user@host:port/db"
+        )
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
     unknown = sorted(set(query) - {"unix_socket"})
     if unknown:
         raise ConfigError(
             f"database {name!r} has DSN {shown!r} with unknown parameters {unknown}; "
             "only ?unix_socket=/path is understood"
         )
-    database = unquote(parts.path.lstrip("/"))
-    if not database or "/" in database:
+    database = unquote(path)
+    if not slash or not database or "/" in database:
         raise ConfigError(f"database {name!r} has DSN {shown!r} without a database name; end it with /dbname")
-    if not parts.username:
+    if not user:
         raise ConfigError(f"database {name!r} has DSN {shown!r} without a user; write mysql://user@host/db")
     env_password = os.environ.get(f"PIPELINE_DB_{_env_name(name)}_PASSWORD")
-    password = env_password if env_password is not None else unquote(parts.password or "")
+    password = env_password if env_password is not None else unquote(password or "")
     return _Target(
         dialect="mysql",
         redacted=shown,
-        host=parts.hostname or "127.0.0.1",
+        host=host or "127.0.0.1",
         port=port,
-        user=unquote(parts.username),
+        user=unquote(user),
         password=password,
         database=database,
         unix_socket=query.get("unix_socket") or None,
     )
+
+
+def _host_port(hostport: str) -> tuple[str | None, int]:
+    """``host[:port]`` or ``[v6]:port`` as ``(host, port)``; ``(None, 0)`` when malformed."""
+    if hostport.startswith("["):
+        host, bracket, after = hostport[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            return None, 0
+        port_text = after[1:]
+    else:
+        host, _, port_text = hostport.partition(":")
+    if any(c in host for c in "/?#@ "):
+        return None, 0
+    if not port_text:
+        return host, 3306
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None, 0
+    return host, int(port_text)

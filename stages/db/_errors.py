@@ -30,16 +30,28 @@ class DatabaseError(ResourceError):
         dsn: The DSN with any password replaced by ``***``.
         action: What was being done, for example ``"looking up a row"``.
         code: The server's error code, when it gave one.
+        row_data: The statement failed on one row's values (too long, out of range, not
+            encodable), not on the SQL or the database: the other rows of a batch are fine.
     """
 
     # Public as stages.db.DatabaseError: dead letters and tracebacks name it so.
     __module__ = "stages.db"
 
-    def __init__(self, message: str, *, database: str, dsn: str, action: str, code: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        database: str,
+        dsn: str,
+        action: str,
+        code: int | None = None,
+        row_data: bool = False,
+    ):
         self.database = database
         self.dsn = dsn
         self.action = action
         self.code = code
+        self.row_data = row_data
         super().__init__(message)
 
 

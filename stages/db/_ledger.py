@@ -8,6 +8,7 @@ for MySQL/MariaDB and runs them through the database's pool and limiter, like an
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -15,8 +16,10 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from pipeline import (
+    LEDGER_ITEMS,
     LEDGER_RUNS,
     BufferedLedger,
+    ConfigError,
     Context,
     LedgerColumn,
     LedgerSQL,
@@ -27,14 +30,39 @@ from pipeline import (
 )
 
 from .._options import Flag, Identifier, PositiveSeconds
-from ._database import Database, shared_database
+from ._database import Database, DatabaseName, shared_database
+from ._errors import DatabaseError
 from ._sql import _quote
 
 __all__ = ["TableLedger", "mysql_ledger"]
 
+log = logging.getLogger("stages.db")
+
+
+_IDENTIFYING = frozenset({"run_id", "pipeline"})
+"""Sized text columns that rows are found by: binary, so no collation folds case, accents or
+trailing spaces ("n" and "n " are two run ids)."""
+
+_KEY_TEXT = "LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+"""An unbounded key column. Rows are found by its digest column, never by comparing this text."""
+
+
+def _digest_column(quoted: str, column: str) -> str:
+    """The generated ``<column>_sha256`` column: a fixed-width digest InnoDB can index.
+
+    MariaDB refuses a PRIMARY KEY on a generated column, so the tables key on a UNIQUE index
+    over it; ``ON DUPLICATE KEY UPDATE`` upserts on either.
+    """
+    return f"{_quote('mysql', f'{column}_sha256')} BINARY(32) AS (UNHEX(SHA2({quoted}, 256))) STORED"
+
 
 class _MySQLLedgerSQL(LedgerSQL):
-    """The ledger's layout and statements in MySQL/MariaDB's dialect."""
+    """The ledger's layout and statements in MySQL/MariaDB's dialect.
+
+    Unbounded key columns (the item key) are LONGTEXT with a generated SHA-256 digest beside
+    them, and the table's unique key is on the digest; run ids and pipeline names are
+    VARBINARY, compared byte for byte.
+    """
 
     def quote(self, name: str) -> str:
         return _quote("mysql", name)
@@ -45,11 +73,9 @@ class _MySQLLedgerSQL(LedgerSQL):
         elif column.type == "timestamp":
             kind = "DATETIME(6)"
         elif column.max_length is None:
-            kind = "TEXT"
-        elif column.name in table.key:
-            # Binary collation: keys "A" and "a" are different items. Two VARCHAR(255) fit
-            # InnoDB's index limit in utf8mb4.
-            kind = f"VARCHAR({column.max_length}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+            kind = _KEY_TEXT if column.name in table.key else "TEXT"
+        elif column.name in _IDENTIFYING:
+            kind = f"VARBINARY({column.max_length})"
         else:
             kind = f"VARCHAR({column.max_length})"
         return f"{kind} NULL" if column.nullable else f"{kind} NOT NULL"
@@ -62,12 +88,36 @@ class _MySQLLedgerSQL(LedgerSQL):
         sets = ", ".join(f"{self.quote(c)} = {value}" for c, value in assignments.items())
         return f"ON DUPLICATE KEY UPDATE {sets}"
 
+    def lookup(self, column: str) -> tuple[str, str]:
+        return self.quote(f"{column}_sha256"), "UNHEX(SHA2(?, 256))"
+
+    def _digested(self, table: LedgerTable) -> list[str]:
+        return [c.name for c in table.columns if c.name in table.key and c.max_length is None]
+
+    def _key_clause(self, table: LedgerTable) -> str:
+        digested = self._digested(table)
+        names = [f"{c}_sha256" if c in digested else c for c in table.key]
+        kind = "UNIQUE KEY `ledger_key`" if digested else "PRIMARY KEY"
+        return f"{kind} ({', '.join(self.quote(c) for c in names)})"
+
     def create_table(self, table: LedgerTable, name: str) -> str:
-        ddl = super().create_table(table, name)
+        columns = [f"{self.quote(c.name)} {self.column_type(table, c)}" for c in table.columns]
+        columns += [_digest_column(self.quote(c), c) for c in self._digested(table)]
+        columns.append(self._key_clause(table))
         if table == LEDGER_RUNS:
             # last_watermark's lookup: this table is shared by every pipeline and grows forever.
-            ddl = ddl[:-1] + ", KEY (`pipeline`, `status`, `finished_at`))"
-        return f"{ddl} CHARACTER SET utf8mb4"
+            columns.append("KEY (`pipeline`, `status`, `finished_at`)")
+        return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(columns)}) CHARACTER SET utf8mb4"
+
+    def upgrade(self, table: LedgerTable, name: str) -> str:
+        """The ``ALTER TABLE`` that takes ``table`` from the layout before keys had digests (keys
+        and run ids VARCHAR(255) utf8mb4_bin, primary key on them) to this one, rows kept."""
+        changes = [f"MODIFY {self.quote(c.name)} {self.column_type(table, c)}" for c in table.columns]
+        digested = self._digested(table)
+        changes += [f"ADD COLUMN {_digest_column(self.quote(c), c)}" for c in digested]
+        if digested:
+            changes += ["DROP PRIMARY KEY", f"ADD {self._key_clause(table)}"]
+        return f"ALTER TABLE {name} {', '.join(changes)}"
 
 
 _LEDGER_LOOKUP_CHUNK = 500
@@ -114,10 +164,17 @@ class TableLedger(BufferedLedger):
         return row is not None and int(row["n"]) == len(names)
 
     async def open(self, *, create_table: bool) -> None:
-        """Create the tables if asked, and find out whether this run id is resuming."""
+        """Create the tables if asked (or migrate them from the older MySQL layout), and find out
+        whether this run id is resuming.
+
+        Raises:
+            ConfigError: The tables have the older MySQL layout and ``create_table`` is false.
+        """
         if create_table and not await self._exists():
             for ddl in self._sql.create:
                 await self.db.execute(ddl, action="creating the ledger table")
+        if isinstance(self._sql, _MySQLLedgerSQL):
+            await self._upgrade(self._sql, create_table=create_table)
         row = await self.db.fetch_one(self._sql.has_items, (self.run_id,), action="reading the ledger")
         self.resuming = row is not None
 
@@ -139,9 +196,35 @@ class TableLedger(BufferedLedger):
             found.update((str(r["k"]), str(r["state"])) for r in rows)
         return [None if k is None else found.get(k) for k in encoded]
 
+    async def _upgrade(self, sql: _MySQLLedgerSQL, *, create_table: bool) -> None:
+        """Migrate tables of the layout before keys had digests, in place, rows kept."""
+        columns = await self.db.columns(self._table)
+        if columns is None or "key_sha256" in columns:
+            return
+        statements = [sql.upgrade(LEDGER_ITEMS, sql.items), sql.upgrade(LEDGER_RUNS, sql.runs)]
+        if not create_table:
+            raise ConfigError(
+                f"ledger table {self._table!r} on database {self.db.name!r} has the layout of an older "
+                "version (keys of at most 255 characters, compared ignoring trailing spaces); set "
+                "create_table = true to let mysql_ledger migrate it when it opens, or run: "
+                + "; ".join(statements)
+            )
+        log.warning(
+            "migrating ledger table %r and %r on database %r to keys of any length (its rows are kept)",
+            self._table,
+            f"{self._table}_runs",
+            self.db.name,
+        )
+        for statement in statements:
+            await self.db.execute(statement, action="migrating the ledger table")
+
     def timestamp(self) -> Any:
         """``updated_at`` for a row recorded now, in the database's representation."""
         return self._time()
+
+    def rejects_row(self, exc: BaseException) -> bool:
+        """A value the database refuses (too long, not encodable): one row's data."""
+        return isinstance(exc, DatabaseError) and exc.row_data
 
     async def write_batch(self, batch: list[tuple[Any, ...]]) -> None:
         """Upsert ``batch`` in one transaction."""
@@ -190,7 +273,7 @@ LedgerTableName = Annotated[Identifier, Field(max_length=58)]
 async def mysql_ledger(
     ctx: Context,
     *,
-    database: str,
+    database: DatabaseName,
     table: LedgerTableName = "pipeline_ledger",
     create_table: Flag = True,
     flush_interval: PositiveSeconds = 0.25,
@@ -199,7 +282,10 @@ async def mysql_ledger(
 
     For runs shared by several workers (``[pipeline] ledger = { use = "stages.db:mysql_ledger",
     database = "catalog" }``). It uses the database's pool and limiter, like every stage on it.
-    Works on a ``sqlite:///`` database too. Keys longer than 255 characters (as JSON) do not fit.
+    Works on a ``sqlite:///`` database too. Keys of any length fit: on MySQL the tables key on a
+    SHA-256 digest of the key, and run ids compare byte for byte. Tables made by an older
+    version (keys of at most 255 characters) are migrated in place when the ledger opens, with
+    a warning; with ``create_table = false`` it refuses them instead, naming the statements.
 
     Args:
         ctx: The engine's context (its ``pipeline`` and ``run_id`` pick the rows).
@@ -212,7 +298,8 @@ async def mysql_ledger(
     The engine checks the options against these annotations when the ledger store is made.
 
     Raises:
-        ConfigError: The database is not configured.
+        ConfigError: The database is not configured, or its tables have the older layout and
+            ``create_table`` is false.
     """
     db = await shared_database(ctx, database)
     ledger = TableLedger(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pipeline import ConfigError, Context, Item, Skip, factory
 
-from ._database import shared_database
+from ._database import DatabaseName, shared_database
 from ._errors import RowNotFoundError
 from ._sql import _translate_sql
 
@@ -23,7 +23,7 @@ MissingPolicy = Literal["fail", "skip", "keep"]
 async def lookup(
     ctx: Context,
     *,
-    database: str,
+    database: DatabaseName,
     query: str,
     params: list[str],
     missing: MissingPolicy = "fail",

@@ -5,18 +5,32 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from pipeline import ConfigError, Context, Item, TransientError, factory
 
 from .._options import Identifier, PositiveInt, Seconds
-from ._database import shared_database
+from ._database import DatabaseName, shared_database
 from ._errors import DatabaseError
-from ._sql import _keyset_queries, _translate_sql
+from ._sql import _keyset_queries, _same_key_query, _translate_sql
 
 __all__ = ["read_rows"]
 
 log = logging.getLogger("stages.db")
+
+
+def _no_placeholders(query: str) -> str:
+    """Refuse a query with ``?`` placeholders in either dialect (checked again once the dialect
+    is known: a ``?`` in a MySQL ``#`` comment is no placeholder)."""
+    if _translate_sql(query, "mysql")[1] and _translate_sql(query, "sqlite")[1]:
+        raise ValueError(f"the read_rows query takes no ? placeholders, got {query!r}; inline the values")
+    return query
+
+
+Query = Annotated[str, AfterValidator(_no_placeholders)]
+"""The ``query`` option of :func:`read_rows`: a SELECT without ``?`` placeholders."""
 
 _RECONNECT_MAX_WAIT = 10.0
 """The longest single wait between two attempts at a chunk."""
@@ -27,8 +41,8 @@ _RECONNECT_MAX_WAIT = 10.0
 async def read_rows(
     ctx: Context,
     *,
-    database: str,
-    query: str,
+    database: DatabaseName,
+    query: Query,
     key_column: Identifier = "id",
     chunk_size: PositiveInt = 1000,
     since: Any = None,
@@ -42,7 +56,10 @@ async def read_rows(
     ``SELECT * FROM (<query>) AS q WHERE q.<key> > <last key> ORDER BY q.<key> LIMIT <chunk_size>``,
     so memory stays at one chunk however large the table, and a connection is held only while
     one chunk is fetched. The key must be unique and not NULL in the query's result, and
-    indexed in the table if the table is large.
+    indexed in the table if the table is large. A key that repeats is not lost at a chunk
+    boundary: every row with it is read (each chunk fetches one row more, to see whether it
+    ends inside a run of equal keys), and the engine fails each copy after the first as a
+    duplicate key, with the reason in the dead letters; a warning names the key column.
 
     Incremental runs: with ``[source] watermark = "updated_at"`` the engine passes ``since``, the
     largest ``updated_at`` of the last successful run, and only rows with
@@ -92,6 +109,7 @@ async def read_rows(
     # A first night (no since yet) reads everything, even with watermark_column set.
     column = watermark_column if since is not None else None
     first_sql, next_sql = _keyset_queries(db.dialect, query, key_column, column)
+    same_sql = _same_key_query(db.dialect, query, key_column, column)
     prefix: tuple[Any, ...] = () if column is None else (since,)
 
     async def fetch(sql: str, params: tuple[Any, ...], action: str) -> list[Item]:
@@ -121,37 +139,66 @@ async def read_rows(
                 return await db.fetch_all(sql, params, action=action)
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
+    def key_of(row: Item) -> Any:
+        try:
+            key = row[key_column]
+        except KeyError:
+            raise DatabaseError(
+                f"the read_rows query on database {db.name!r} returns no column {key_column!r} "
+                f"(it returns {sorted(row)}); select it or set key_column",
+                database=db.name,
+                dsn=db.dsn,
+                action="reading rows",
+            ) from None
+        if key is None:
+            # `key > NULL` matches nothing: going on would end the stream early, silently.
+            raise DatabaseError(
+                f"the read_rows query on database {db.name!r} returned a NULL {key_column!r}, so "
+                "the rows after it cannot be paged; filter out NULL keys in the query "
+                f"(WHERE {key_column} IS NOT NULL) or choose a key column without NULLs",
+                database=db.name,
+                dsn=db.dsn,
+                action="reading rows",
+            )
+        return key
+
     async def rows() -> AsyncGenerator[Item, None]:
-        chunk = await fetch(first_sql, (*prefix, chunk_size), "reading the first chunk of rows")
+        # One row more than a chunk: it shows whether the chunk ends inside a run of equal keys.
+        chunk = await fetch(first_sql, (*prefix, chunk_size + 1), "reading the first chunk of rows")
         while True:
+            more = len(chunk) > chunk_size
+            if more:
+                peek = chunk.pop()
+                last = key_of(chunk[-1])
+                if key_of(peek) == last:
+                    chunk = await with_every_copy(chunk, last)
             for row in chunk:
                 yield row
-            if len(chunk) < chunk_size:
+            if not more:
                 return
-            try:
-                last = chunk[-1][key_column]
-            except KeyError:
-                raise DatabaseError(
-                    f"the read_rows query on database {db.name!r} returns no column {key_column!r} "
-                    f"(it returns {sorted(chunk[-1])}); select it or set key_column",
-                    database=db.name,
-                    dsn=db.dsn,
-                    action="reading rows",
-                ) from None
-            if last is None:
-                # `key > NULL` matches nothing: going on would end the stream early, silently.
-                raise DatabaseError(
-                    f"the read_rows query on database {db.name!r} returned a NULL {key_column!r}, so "
-                    "the rows after it cannot be paged; filter out NULL keys in the query "
-                    f"(WHERE {key_column} IS NOT NULL) or choose a key column without NULLs",
-                    database=db.name,
-                    dsn=db.dsn,
-                    action="reading rows",
-                )
             chunk = []  # let the previous chunk go before the next one arrives
             chunk = await fetch(
-                next_sql, (*prefix, last, chunk_size), f"reading rows after {key_column}={last!r}"
+                next_sql, (*prefix, last, chunk_size + 1), f"reading rows after {key_column}={last!r}"
             )
+
+    async def with_every_copy(chunk: list[Item], last: Any) -> list[Item]:
+        """``chunk`` with its trailing rows of key ``last`` replaced by every row of that key.
+
+        The next chunk starts after ``last``, so copies of it past the chunk would be skipped
+        without a word. Fetched before any of them is yielded, they reach the engine one after
+        the other, and it fails each copy after the first as a duplicate key in flight.
+        """
+        log.warning(
+            "read_rows: %s=%r appears more than once in the query's result; every copy after the "
+            "first fails as a duplicate. Make key_column unique in the query (a primary key)",
+            key_column,
+            last,
+        )
+        keep = len(chunk)
+        while keep and chunk[keep - 1].get(key_column) == last:
+            keep -= 1
+        copies = await fetch(same_sql, (*prefix, last), f"reading the rows with {key_column}={last!r}")
+        return chunk[:keep] + copies
 
     stream = rows()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
@@ -16,10 +17,12 @@ from typing_extensions import TypedDict  # pydantic reads a TypedDict only from 
 from pipeline import Context, Item, factory
 
 from .._options import Flag, Identifier, PositiveInt
-from ._database import shared_database
+from ._database import DatabaseName, shared_database
 from ._sql import Dialect, _quote
 
 __all__ = ["ResultColumn", "write_results"]
+
+log = logging.getLogger("stages.db")
 
 ColumnType = Literal["integer", "bigint", "real", "text", "json"]
 """The type of a :class:`ResultColumn`, mapped to each database's own."""
@@ -63,6 +66,11 @@ def _check_columns(columns: Mapping[str, ResultColumn]) -> Mapping[str, ResultCo
     seen: set[str] = set()
     for name, spec in columns.items():
         folded = name.lower()  # SQL column names ignore case
+        if folded == "key_sha256":
+            raise ValueError(
+                "column 'key_sha256' is the digest write_results keys MySQL rows on; give the job "
+                "column another name"
+            )
         if folded in _OUTCOME_COLUMNS:
             raise ValueError(
                 f"column {name!r} is one write_results always writes ({', '.join(_OUTCOME_COLUMNS)}); "
@@ -91,18 +99,28 @@ def _column_type(dialect: Dialect, spec: ResultColumn) -> str:
     ) + " NULL"
 
 
+# MySQL: the key is any length, compared byte for byte. InnoDB cannot index LONGTEXT whole and
+# MariaDB refuses a PRIMARY KEY on a generated column, so the row is keyed by a UNIQUE index on
+# a SHA-256 digest of the key (the mysql_ledger tables do the same).
+_MYSQL_KEY = "`key` LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+_MYSQL_DIGEST = "`key_sha256` BINARY(32) AS (UNHEX(SHA2(`key`, 256))) STORED"
+_MYSQL_UNIQUE = "UNIQUE KEY `results_key` (`key_sha256`)"
+
+
 def _results_ddl(dialect: Dialect, table: str, columns: Mapping[str, ResultColumn]) -> str:
     job = [f"{_quote(dialect, name)} {_column_type(dialect, spec)}" for name, spec in columns.items()]
     if dialect == "mysql":
         return ", ".join(
             [
-                f"CREATE TABLE IF NOT EXISTS {table} (`key` VARCHAR(255) NOT NULL PRIMARY KEY",
+                f"CREATE TABLE IF NOT EXISTS {table} ({_MYSQL_KEY}",
                 "`status` VARCHAR(32) NOT NULL",
                 "`outputs` LONGTEXT NULL",
                 *job,
                 "`error` TEXT NULL",
                 "`run_id` VARCHAR(255) NOT NULL",
-                "`updated_at` DATETIME(6) NOT NULL) CHARACTER SET utf8mb4",
+                "`updated_at` DATETIME(6) NOT NULL",
+                _MYSQL_DIGEST,
+                f"{_MYSQL_UNIQUE}) CHARACTER SET utf8mb4",
             ]
         )
     return ", ".join(
@@ -136,8 +154,10 @@ _ERROR_LIMIT = 2000
 """Characters of an upstream error kept in the ``error`` column (a traceback-sized message is cut)."""
 
 # ``scheme://user:password@host``: the password goes, the user stays. The stages already keep
-# passwords out of their messages; this is a second line for a custom stage that does not.
-_USERINFO_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^\s/?#]*@")
+# passwords out of their messages; this is a second line for a custom stage that does not. As
+# in stages.db's DSN parser, the password runs to the last @ of the word, so one holding
+# ? # / @ or : is hidden whole.
+_USERINFO_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/?#@\s]*:)\S*@")
 
 
 def _error_text(item: Item) -> str | None:
@@ -156,7 +176,7 @@ def _error_text(item: Item) -> str | None:
 async def write_results(
     ctx: Context,
     *,
-    database: str,
+    database: DatabaseName,
     table: Identifier = "results",
     create_table: Flag = True,
     key_field: str = "id",
@@ -164,7 +184,8 @@ async def write_results(
 ) -> AsyncIterator[Callable[[Item], Coroutine[Any, Any, Item]]]:
     """Stage: upsert one row per item into ``table`` and pass the item on.
 
-    The row is ``key`` (``str(item[key_field])``, the primary key), ``status``, ``outputs``
+    The row is ``key`` (``str(item[key_field])``, any length, compared byte for byte: "abc" and
+    "ABC", "a" and "a " are two rows), ``status``, ``outputs``
     (JSON of ``item["outputs"]``), one column per entry of ``columns`` (from the item, NULL when
     absent), ``error``, ``run_id`` and ``updated_at`` (UTC). By default ``columns`` are the
     image job's ``width``, ``height`` (integers), ``bytes`` (a big integer) and ``sha256`` (64
@@ -192,7 +213,8 @@ async def write_results(
         database: The ``[databases.<name>]`` to write to.
         table: The table, a plain identifier.
         create_table: Create the table when it does not exist (with ``columns`` as the job's
-            columns); an existing table must already have them.
+            columns); an existing table must already have them. A MySQL table made by an older
+            version (a VARCHAR(255) key) is migrated in place, rows kept, with a warning.
         key_field: The item field holding the item's key.
         columns: The job's columns, column name (a plain identifier) to :class:`ResultColumn`
             (``field``, ``type``, ``length``; each optional); ``{}`` writes none. The names
@@ -204,7 +226,22 @@ async def write_results(
     db = await shared_database(ctx, database)
     quoted = db.quote(table)
     if create_table:
-        await db.execute(_results_ddl(db.dialect, quoted, columns), action=f"creating table {table!r}")
+        # Asked first: MySQL warns on CREATE TABLE IF NOT EXISTS of an existing table.
+        existing = await db.columns(table)
+        if existing is None:
+            await db.execute(_results_ddl(db.dialect, quoted, columns), action=f"creating table {table!r}")
+        elif db.dialect == "mysql" and "key_sha256" not in existing:
+            log.warning(
+                "migrating table %r on database %r to keys of any length, compared byte for byte "
+                "(its rows are kept)",
+                table,
+                db.name,
+            )
+            await db.execute(
+                f"ALTER TABLE {quoted} MODIFY {_MYSQL_KEY}, ADD COLUMN {_MYSQL_DIGEST}, "
+                f"DROP PRIMARY KEY, ADD {_MYSQL_UNIQUE}",
+                action=f"migrating table {table!r}",
+            )
     sql = _upsert_sql(db.dialect, quoted, list(columns))
     # (item field, stored as JSON) per job column, in column order.
     fields = tuple((spec.get("field", name), spec.get("type") == "json") for name, spec in columns.items())

@@ -111,3 +111,18 @@ def _keyset_queries(
         first = f"{inner} WHERE {changed} ORDER BY {key} LIMIT ?"
         following = f"{inner} WHERE {changed} AND {key} > ? ORDER BY {key} LIMIT ?"
     return first, following
+
+
+def _same_key_query(
+    dialect: Dialect, query: str, key_column: str, watermark_column: str | None = None
+) -> str:
+    """Return the statement for every row of ``query`` whose key equals a given one.
+
+    Its parameters are ``(key)``, or ``(since, key)`` with ``watermark_column``.
+    """
+    body = query.strip().rstrip(";").rstrip()
+    key = f"q.{_quote(dialect, key_column)}"
+    inner = f"SELECT * FROM (\n{body}\n) AS q"
+    if watermark_column is None:
+        return f"{inner} WHERE {key} = ?"
+    return f"{inner} WHERE q.{_quote(dialect, watermark_column)} > ? AND {key} = ?"

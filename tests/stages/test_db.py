@@ -28,10 +28,12 @@ from pipeline import (
     ConfigError,
     Context,
     Database,
+    Pipeline,
     Skip,
     Source,
     Stage,
     TransientError,
+    load_config,
 )
 from pipeline.testing import Harness, run_stages_async
 from stages.db import (
@@ -695,13 +697,6 @@ async def test_password_is_not_logged_nor_in_the_repr(
     assert mysql_db.password not in caplog.text + repr(db)
 
 
-async def test_refused_connection_is_transient(harness: Harness) -> None:
-    """Nothing listening on the port is a TransientError (the server may be restarting)."""
-    harness.add_database(f"mysql://pipeline@127.0.0.1:{_free_port()}/pipeline_test", connect_timeout=5)
-    with pytest.raises(TransientError, match="error 2003"):
-        await shared_database(harness.context(), "catalog")
-
-
 @pytest.mark.mysql
 async def test_mysql_cancelled_query_does_not_poison_the_next_one(
     mysql_backend: Catalog, harness: Harness
@@ -787,3 +782,238 @@ def test_public_names_resolve_and_are_shown_as_stages_db() -> None:
         assert getattr(stages.db, name) is not None
     for obj in (DatabaseError, RowNotFoundError, read_rows, lookup, write_results, redact):
         assert obj.__module__ == "stages.db"
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input: keys, passwords, duplicates, config mistakes
+
+
+DISTINCT_KEYS = ["ABC", "abc", "resume", "résumé", "a", "a ", " a"]
+
+
+async def test_write_results_keeps_keys_that_differ_in_case_accents_or_trailing_spaces(
+    backend: Catalog, harness: Harness
+) -> None:
+    """Keys equal under a case-, accent- or pad-insensitive collation stay separate rows, each
+    with its own item's data."""
+    harness.add_database(backend.dsn)
+    async with write_results(harness.context("record"), database="catalog", columns={}) as write:
+        for i, key in enumerate(DISTINCT_KEYS):
+            await write({"id": key, "outputs": [f"out-{i}"]})
+    key = "`key`" if backend.kind == "mysql" else '"key"'
+    stored = {row[0]: json.loads(row[1]) for row in backend.run(f"SELECT {key}, outputs FROM results")}
+    assert stored == {k: [f"out-{i}"] for i, k in enumerate(DISTINCT_KEYS)}
+
+
+async def test_write_results_stores_a_key_longer_than_255_characters(
+    backend: Catalog, harness: Harness
+) -> None:
+    """A 1000-character key is stored whole, and upserted on as any other key."""
+    harness.add_database(backend.dsn)
+    long_key = "k" * 999 + "é"
+    async with write_results(harness.context("record"), database="catalog", columns={}) as write:
+        await write({"id": long_key, "outputs": ["first"]})
+        await write({"id": long_key, "outputs": ["second"]})
+        await write({"id": long_key[:-1], "outputs": ["other"]})
+    key = "`key`" if backend.kind == "mysql" else '"key"'
+    stored = {row[0]: json.loads(row[1]) for row in backend.run(f"SELECT {key}, outputs FROM results")}
+    assert stored == {long_key: ["second"], long_key[:-1]: ["other"]}
+
+
+@pytest.mark.mysql
+async def test_write_results_upgrades_a_results_table_of_the_old_layout(
+    mysql_backend: Catalog, harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A results table made with the old VARCHAR(255) key keeps its rows and takes any key after
+    write_results migrates it, saying so in the log."""
+    mysql_backend.run(
+        "CREATE TABLE results (`key` VARCHAR(255) NOT NULL PRIMARY KEY, `status` VARCHAR(32) NOT NULL, "
+        "`outputs` LONGTEXT NULL, `error` TEXT NULL, `run_id` VARCHAR(255) NOT NULL, "
+        "`updated_at` DATETIME(6) NOT NULL) CHARACTER SET utf8mb4"
+    )
+    mysql_backend.run("INSERT INTO results VALUES ('old', 'ok', '[]', NULL, 'r0', NOW())")
+    harness.add_database(mysql_backend.dsn)
+    caplog.set_level(logging.WARNING, logger="stages.db")
+    async with write_results(harness.context("record"), database="catalog", columns={}) as write:
+        await write({"id": "OLD", "outputs": ["x"]})
+        await write({"id": "x" * 300, "outputs": ["y"]})
+    keys = sorted(row[0] for row in mysql_backend.run("SELECT `key` FROM results"))
+    assert keys == ["OLD", "old", "x" * 300]
+    assert "migrating table 'results'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("password", "dsn_tail"),
+    [
+        ("Dsn?Pw-333", "@127.0.0.1:1/catalog"),
+        ("Dsn#Pw-333", "@127.0.0.1:1/catalog"),
+        ("Dsn/Pw-333", "@127.0.0.1:1/catalog"),
+        ("Dsn@Pw-333", "@127.0.0.1:1/catalog"),
+        ("Dsn:Pw-333", "@127.0.0.1:1/catalog"),
+        ("D?s#n/P@w:333", "@127.0.0.1:1/catalog?unix_socket=/tmp/s.sock"),
+    ],
+)
+def test_redact_and_the_parser_agree_on_a_password_with_reserved_characters(
+    password: str, dsn_tail: str
+) -> None:
+    """A password holding ? # / @ or : is hidden whole by redact(), and the DSN parses with that
+    password, that host and that database: userinfo ends at the last @ before the host."""
+    from stages.db._dsn import _parse_dsn
+
+    dsn = f"mysql://pipeline:{password}{dsn_tail}"
+    shown = redact(dsn)
+    assert shown == f"mysql://pipeline:***{dsn_tail}"
+    assert "Pw" not in shown
+    assert "333" not in shown.partition("@")[0]
+    target = _parse_dsn("catalog", dsn)
+    assert (target.user, target.password, target.host, target.port, target.database) == (
+        "pipeline",
+        password,
+        "127.0.0.1",
+        1,
+        "catalog",
+    )
+    assert password not in repr(target)
+
+
+@pytest.mark.parametrize("password", ["hunt?er2", "hunt#er2", "hunt/er2", "hunt@er2", "hunt:er2"])
+async def test_write_results_never_stores_a_url_password_with_reserved_characters(
+    harness: Harness, tmp_path: Path, password: str
+) -> None:
+    """The error column's scrubbing hides a URL password holding ? # / @ or : too."""
+    backend = _sqlite_backend(tmp_path / "r.db")
+    harness.add_database(backend.dsn)
+    error = f"ValueError: cannot reach mysql://loader:{password}@db.internal/catalog (refused)"
+    async with write_results(harness.context("record"), database="catalog") as write:
+        await write({"id": 1, "status": "failed", "error": error, "failed_stage": "enrich"})
+    stored = _result_rows(backend)["1"][4]
+    assert stored == "enrich: ValueError: cannot reach mysql://loader:***@db.internal/catalog (refused)"
+
+
+async def test_unreachable_database_says_it_is_not_retried(harness: Harness) -> None:
+    """A server that refuses the run's first connection fails the open with a message that says
+    the run does not retry it, and what to check; no "will be retried"."""
+    harness.add_database(f"mysql://pipeline@127.0.0.1:{_free_port()}/pipeline_test", connect_timeout=5)
+    with pytest.raises(DatabaseError, match="error 2003") as info:
+        await shared_database(harness.context(), "catalog")
+    message = str(info.value)
+    assert "will be retried" not in message
+    assert "not retried" in message
+    assert "127.0.0.1" in message
+
+
+async def test_read_rows_hands_on_every_duplicate_at_a_chunk_boundary(
+    backend: Catalog, harness: Harness
+) -> None:
+    """Rows 1,2,2,3,3,4,5 read 2 per chunk come out all seven, each duplicate right after its
+    first copy, so the engine can fail the second as a duplicate key in flight."""
+    backend.run("CREATE TABLE catalog (id INTEGER NOT NULL, url VARCHAR(255) NOT NULL)")
+    backend.run_many(
+        "INSERT INTO catalog (id, url) VALUES (?, ?)", [(i, f"u{i}") for i in (1, 2, 2, 3, 3, 4, 5)]
+    )
+    harness.add_database(backend.dsn)
+    rows = await _collect(harness.context("source"), query="SELECT id, url FROM catalog", chunk_size=2)
+    assert [row["id"] for row in rows] == [1, 2, 2, 3, 3, 4, 5]
+
+
+async def test_duplicate_keys_at_a_chunk_boundary_fail_as_duplicates_in_a_run(
+    backend: Catalog, tmp_path: Path
+) -> None:
+    """Through the engine, the second copy of each duplicated key fails with the reason in the dead
+    letters: read 7, ok 5, failed 2, nothing lost silently."""
+    backend.run("CREATE TABLE catalog (id INTEGER NOT NULL, url VARCHAR(255) NOT NULL)")
+    backend.run_many(
+        "INSERT INTO catalog (id, url) VALUES (?, ?)", [(i, f"u{i}") for i in (1, 2, 2, 3, 3, 4, 5)]
+    )
+    pipe = Pipeline(
+        source=Source(
+            read_rows,
+            options={"database": "catalog", "query": "SELECT id, url FROM catalog", "chunk_size": 2},
+        ),
+        stages=[Stage(_passthrough, name="work")],
+        databases={"catalog": Database(backend.dsn)},
+        report_dir=tmp_path / "runs",
+        ledger=False,
+        max_failures=10,
+    )
+    report = await pipe.run_async(run_id="dups")
+    assert (report.items.read, report.items.ok, report.items.failed) == (7, 5, 2)
+    letters = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "dups" / "dead_letters.jsonl").read_text().splitlines()
+    ]
+    assert sorted((d["key"], d["stage"]) for d in letters) == [(2, "source"), (3, "source")]
+    assert all("duplicate key" in d["message"] for d in letters)
+
+
+async def _passthrough(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def _db_config(tmp_path: Path, *, database: str = "", source: str = "", stage: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[pipeline]
+report_dir = "{tmp_path / "runs"}"
+
+[databases.catalog]
+dsn = "sqlite:///{tmp_path / "catalog.db"}"
+{database}
+
+[source]
+use = "stages.db:read_rows"
+database = "catalog"
+query = "SELECT id, url FROM catalog"
+{source}
+
+[[stages]]
+use = "stages.db:write_results"
+database = "catalog"
+{stage}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "location", "words"),
+    [
+        ({"database": "busy_timout = 5.0"}, "databases.catalog.busy_timout", "busy_timeout"),
+        ({"database": "conect_timeout = 5.0"}, "databases.catalog.conect_timeout", "connect_timeout"),
+        ({"database": "connect_timeout = -1"}, "databases.catalog.connect_timeout", ">= 0"),
+        ({"database": 'dsn = "postgres://u@h/db"'}, "databases.catalog.dsn", "scheme 'postgres'"),
+        ({"database": 'dsn = "mysql://u:pw?x@h:notaport/db"'}, "databases.catalog.dsn", "malformed"),
+        ({"stage": 'database = "catlog"'}, "stages[0].database", "'catlog'"),
+        ({"source": 'database = "catlog"'}, "source.database", "'catlog'"),
+        ({"source": 'query = "SELECT id FROM catalog WHERE id > ?"'}, "source.query", "placeholders"),
+    ],
+)
+def test_database_mistakes_fail_load_config_with_one_config_error(
+    tmp_path: Path, edit: dict[str, str], location: str, words: str
+) -> None:
+    """Each database mistake is refused when the config is loaded, as one ConfigError naming the
+    file, the table and key, and the fix; the password of a bad DSN is not shown."""
+    lines = dict(edit)
+    if "dsn" in lines.get("database", ""):
+        path = _db_config(tmp_path)
+        text = path.read_text().replace(f'dsn = "sqlite:///{tmp_path / "catalog.db"}"', lines["database"])
+        path.write_text(text)
+    else:
+        path = _db_config(tmp_path, **lines)
+    if "database =" in lines.get("source", "") or "database =" in lines.get("stage", ""):
+        text = path.read_text()
+        which = "source" if "source" in lines else "stage"
+        # The edit replaces the table's own database line, not adds a second one.
+        head, sep, tail = text.partition("[source]" if which == "source" else "[[stages]]")
+        tail = tail.replace('database = "catalog"\n', "", 1)
+        path.write_text(head + sep + tail)
+    if "query =" in lines.get("source", ""):
+        path.write_text(path.read_text().replace('query = "SELECT id, url FROM catalog"\n', "", 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.location) == (str(path), location)
+    assert words in str(info.value)
+    assert "pw?x" not in str(info.value)
+    assert not (tmp_path / "runs").exists()

@@ -270,3 +270,128 @@ async def test_the_table_ledger_and_the_default_file_share_one_layout(tmp_path: 
     for file_table, table_table in ((LEDGER_ITEMS.name, "items"), (LEDGER_RUNS.name, "items_runs")):
         assert layout(fresh, file_table) == layout(tmp_path / "table.db", table_table)
         assert layout(fresh, file_table) == layout(old, file_table)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile keys
+
+
+class Keyed:
+    """A source of the given keys, and a stage that fails the keys in ``failing`` with ``message``."""
+
+    def __init__(self, keys: list[Any], failing: dict[Any, str] | None = None) -> None:
+        self.keys = keys
+        self.failing = failing or {}
+        self.seen: list[Any] = []
+
+    def source(self) -> Iterator[dict[str, Any]]:
+        for key in self.keys:
+            yield {"id": key}
+
+    async def stage(self, item: dict[str, Any]) -> dict[str, Any]:
+        self.seen.append(item["id"])
+        if item["id"] in self.failing:
+            raise ValueError(self.failing[item["id"]])
+        return item
+
+
+def keyed_pipeline(store: Catalog, tmp_path: Path, keyed: Keyed) -> Pipeline:
+    return Pipeline(
+        name="ledgered",
+        source=Source(keyed.source),
+        stages=[Stage(keyed.stage, name="work", retry=Retry(attempts=1))],
+        databases={"catalog": Database(store.dsn)},
+        report_dir=tmp_path / "runs",
+        ledger=LedgerStore(mysql_ledger, options={"database": "catalog", "table": "ledger"}),
+        max_failures=100,
+    )
+
+
+async def test_a_key_longer_than_255_characters_is_recorded_and_not_redone(
+    store: Catalog, tmp_path: Path
+) -> None:
+    """A 300-character key is recorded like any other: no ledger error, and a rerun redoes nothing."""
+    keys: list[Any] = [1, "x" * 300, 3]
+    first = await keyed_pipeline(store, tmp_path, Keyed(keys)).run_async(run_id=RUN)
+    assert first.ledger_error is None
+    again = Keyed(keys)
+    report = await keyed_pipeline(store, tmp_path, again).run_async(run_id=RUN)
+    assert again.seen == []
+    assert report.already_done == 3
+
+
+async def test_keys_and_run_ids_differing_in_case_accents_or_trailing_spaces_stay_apart(
+    store: Catalog, tmp_path: Path
+) -> None:
+    """Keys "ABC"/"abc", "resume"/"résumé", "a"/"a " are distinct items, and run ids "n" and "n "
+    are distinct runs: a rerun of one does not resume the other."""
+    keys: list[Any] = ["ABC", "abc", "resume", "résumé", "a", "a "]
+    await keyed_pipeline(store, tmp_path, Keyed(keys, {"abc": "bad"})).run_async(run_id="n")
+    assert store.run("SELECT COUNT(*) FROM ledger WHERE run_id = ?", ("n",)) == [(6,)]
+    other = Keyed(keys)
+    report = await keyed_pipeline(store, tmp_path, other).run_async(run_id="n ")
+    assert other.seen == keys, "run id 'n ' is not run 'n'"
+    assert report.already_done == 0
+    databases = {"catalog": Database(store.dsn, concurrency=1)}
+    async with (
+        open_context(stage="ledger", pipeline="ledgered", run_id="n", databases=databases) as ctx,
+        mysql_ledger(ctx, database="catalog", table="ledger") as ledger,
+    ):
+        states = await ledger.states(keys)
+    assert states == ["done", "failed", "done", "done", "done", "done"]
+
+
+@pytest.fixture
+def mysql_store(mysql_db: MariaDB, monkeypatch: pytest.MonkeyPatch) -> Catalog:
+    """The MariaDB store alone, for what only a sized column or an old MySQL layout shows."""
+    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", mysql_db.password)
+    return mysql_catalog(mysql_db, autocommit=True)
+
+
+@pytest.mark.mysql
+async def test_a_record_the_store_refuses_is_reported_and_the_others_written(
+    mysql_store: Catalog, tmp_path: Path
+) -> None:
+    """An item whose record cannot be stored (an error text too big for the column) does not sink
+    the batch: the others are recorded, the report's ledger_error names the lost key, and a rerun
+    redoes only that item."""
+    huge = "E" * 70_000  # more than a TEXT column's 65,535 bytes
+    keys: list[Any] = [1, 2, 3, 4]
+    report = await keyed_pipeline(mysql_store, tmp_path, Keyed(keys, {2: huge, 3: "small"})).run_async(
+        run_id=RUN
+    )
+    assert (report.items.ok, report.items.failed) == (2, 2), "the item still counts"
+    assert report.ledger_error is not None
+    assert "the ledger refused the records of 1 item" in report.ledger_error
+    assert "key 2 (DatabaseError" in report.ledger_error
+    again = Keyed(keys)
+    await keyed_pipeline(mysql_store, tmp_path, again).run_async(run_id=RUN)
+    assert again.seen == [2]
+
+
+@pytest.mark.mysql
+async def test_a_ledger_table_of_the_old_layout_is_migrated_when_opened(
+    mysql_store: Catalog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tables made with the old VARCHAR(255) key layout are migrated in place when the ledger
+    opens (a warning says so); their rows still count, and long keys fit afterwards."""
+    mysql_store.run(
+        "CREATE TABLE ledger (run_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, "
+        "`key` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, state VARCHAR(16) NOT NULL, "
+        "attempts INT NOT NULL, stage VARCHAR(255) NULL, error TEXT NULL, updated_at DATETIME(6) NOT NULL, "
+        "PRIMARY KEY (run_id, `key`)) CHARACTER SET utf8mb4"
+    )
+    mysql_store.run(
+        "CREATE TABLE ledger_runs (run_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, "
+        "pipeline VARCHAR(255) NOT NULL, status VARCHAR(32) NOT NULL, started_at DATETIME(6) NOT NULL, "
+        "finished_at DATETIME(6) NULL, watermark TEXT NULL, PRIMARY KEY (run_id)) CHARACTER SET utf8mb4"
+    )
+    mysql_store.run("INSERT INTO ledger VALUES (?, '1', 'done', 1, NULL, NULL, NOW())", (RUN,))
+    mysql_store.run("INSERT INTO ledger_runs VALUES (?, 'ledgered', 'ok', NOW(), NOW(), NULL)", (RUN,))
+    caplog.set_level("WARNING", logger="stages.db")
+    keys: list[Any] = [1, "y" * 300]
+    keyed = Keyed(keys)
+    report = await keyed_pipeline(mysql_store, tmp_path, keyed).run_async(run_id=RUN)
+    assert keyed.seen == ["y" * 300]
+    assert (report.already_done, report.ledger_error) == (1, None)
+    assert "migrating ledger table 'ledger'" in caplog.text
