@@ -193,7 +193,7 @@ def _sections(
     )
     meta = [
         f"started {report.get('started_at', '')}",
-        f"wall {report.get('wall_s', 0):.1f} s",
+        f"wall {_seconds(float(report.get('wall_s') or 0))}",
         f"exit code {report.get('exit_code', '')}",
         f"read {items.get('read', 0)}",
     ]
@@ -373,6 +373,7 @@ def _throughput_chart(t: list[float], series: Sequence[Mapping[str, Any]]) -> Fi
         # Each rate holds over the interval that starts at its sample.
         ax.step(t[: len(rates) + 1], [*rates, *rates[-1:]], where="post", color=f"C{i}", label=str(s["name"]))
     _time_axis(ax, t, "items/s")
+    ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig
 
@@ -468,6 +469,10 @@ def _key(record: Mapping[str, Any]) -> str:
 
 def _e(value: object) -> str:
     return html.escape("" if value is None else str(value))
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2f} s" if s < 60 else f"{s:.0f} s ({s / 60:.1f} min)"
 
 
 def _ms(seconds: object) -> str:
