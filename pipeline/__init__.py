@@ -9,14 +9,16 @@ checks it with import-linter)::
     _contract     the stage contract: Item, Context, DatabaseHandle, @factory, @cpu_bound
     _adaptive     Auto and the controllers behind concurrency = "auto"
     _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
-    _report       statistics, RunReport, dead letters, bottleneck advice
+    _report       statistics, RunReport, dead letters (written and grouped), bottleneck advice
     _ledger       RunLedger (the ledger contract), BufferedLedger, its one stored layout (LedgerSQL),
                   the default SQLite ledger
     _progress     live progress and the summary table (rich), rendered from a snapshot
+    _timeline     the snapshot sampled about once a second while the run goes on (timeline.json)
     _tickets      every item's ticket and the tally that ends each exactly once
     _stage        one stage at run time: its workers, the one attempt path, retries, pauses
     _threads      the run's dedicated thread pool
     _feed         the source read in batches: key checks, resume lookups, watermark
+    _html         report.html from a run directory's files: matplotlib charts, inline SVG
     _run          the run: open, flow under one TaskGroup, stop and grace, close, report
     _pipeline     Pipeline: the definition that runs itself
     _config       config.toml -> Pipeline (tomllib + pydantic)

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ._exceptions import ConfigError
 from ._ledger import SqliteLedger, encode_key
 from ._pipeline import Pipeline
+from ._report import FailureGroup, group_records, reason
 
-__all__ = ["FailureGroup", "group_dead_letters", "latest_run_id"]
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
-
-
-def reason(message: str) -> str:
-    """The message without what differs item by item (URLs, quoted values)."""
-    return _QUOTED.sub("'…'", _URL.sub("<url>", message))
-
-
-@dataclass
-class FailureGroup:
-    """Failures of one stage for one reason."""
-
-    stage: str
-    error_type: str
-    reason: str
-    count: int = 0
-    keys: list[Any] = field(default_factory=list)
-    example: str = ""
+__all__ = ["FailureGroup", "group_dead_letters", "latest_run_id", "reason"]
 
 
 def latest_run_id(pipeline: Pipeline) -> str:
@@ -67,20 +44,10 @@ def group_dead_letters(pipeline: Pipeline, run_id: str) -> list[FailureGroup]:
             still_failed = {key for key, *_ in ledger.failed()}
         finally:
             ledger.close()
-    latest: dict[str, dict[str, Any]] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[encode_key(record["key"])] = record  # the last failure of each item
-    groups: dict[tuple[str, str, str], FailureGroup] = defaultdict(lambda: FailureGroup("", "", ""))
-    for key, record in latest.items():
-        if still_failed is not None and key not in still_failed:
-            continue  # retried since, and no longer failed
-        why = reason(record["message"])
-        group = groups[(record["stage"], record["error_type"], why)]
-        group.stage, group.error_type, group.reason = record["stage"], record["error_type"], why
-        group.count += 1
-        group.example = group.example or record["message"]
-        if len(group.keys) < 5:
-            group.keys.append(record["key"])
-    return sorted(groups.values(), key=lambda g: (-g.count, g.stage))
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    if still_failed is None:
+        return group_records(records)
+    failed = still_failed
+    # Retried since, and no longer failed: left out.
+    return group_records(records, lambda record: encode_key(record["key"]) in failed)

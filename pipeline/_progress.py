@@ -37,6 +37,7 @@ class StageSnapshot:
     ok: int
     failed: int
     retries: int
+    skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)

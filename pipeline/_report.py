@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,11 +18,14 @@ from typing import IO, Any
 
 __all__ = [
     "DeadLetterWriter",
+    "FailureGroup",
     "ItemCounts",
     "LatencyHistogram",
     "RunReport",
     "StageReport",
     "find_bottleneck",
+    "group_records",
+    "reason",
     "utc_now",
 ]
 
@@ -240,3 +245,53 @@ class DeadLetterWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+
+
+def reason(message: str) -> str:
+    """The message without what differs item by item (URLs, quoted values)."""
+    return _QUOTED.sub("'…'", _URL.sub("<url>", message))
+
+
+@dataclass
+class FailureGroup:
+    """Failures of one stage for one reason."""
+
+    stage: str
+    error_type: str
+    reason: str
+    count: int = 0
+    keys: list[Any] = field(default_factory=list)
+    example: str = ""
+
+
+def group_records(
+    records: Iterable[Mapping[str, Any]],
+    keep: Callable[[Mapping[str, Any]], bool] | None = None,
+    *,
+    examples: int = 5,
+) -> list[FailureGroup]:
+    """Group dead-letter records (as :class:`DeadLetterWriter` writes them) by stage and reason.
+
+    Only the last record of each key counts (an item retried and failed again is one failure);
+    ``keep`` can leave out more (items that have succeeded since). Each group keeps up to
+    ``examples`` keys, and the first full message as its example; the largest groups come first.
+    """
+    latest: dict[str, Mapping[str, Any]] = {}
+    for record in records:
+        latest[json.dumps(record["key"], sort_keys=True, default=str)] = record
+    groups: dict[tuple[str, str, str], FailureGroup] = {}
+    for record in latest.values():
+        if keep is not None and not keep(record):
+            continue
+        why = reason(str(record["message"]))
+        stage, error_type = str(record["stage"]), str(record["error_type"])
+        group = groups.setdefault((stage, error_type, why), FailureGroup(stage, error_type, why))
+        group.count += 1
+        group.example = group.example or str(record["message"])
+        if len(group.keys) < examples:
+            group.keys.append(record["key"])
+    return sorted(groups.values(), key=lambda g: (-g.count, g.stage))

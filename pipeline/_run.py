@@ -38,6 +38,7 @@ from ._contract import Context, SharedResources, describe, is_factory, stage_kin
 from ._definition import LedgerStore, PipelineDefinition
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
+from ._html import REPORT_HTML, TIMELINE_JSON, describe_settings, write_report_html
 from ._ledger import BufferedLedger, RunLedger, open_sqlite_ledger
 from ._limiter import CapacityLimiter
 from ._progress import RunSnapshot, open_progress
@@ -45,6 +46,7 @@ from ._report import DeadLetterWriter, ItemCounts, RunReport, find_bottleneck, u
 from ._stage import StageRun
 from ._threads import installed, open_executor, shutdown
 from ._tickets import Tally
+from ._timeline import Timeline, open_sampler
 
 __all__ = ["Run", "default_run_id", "run", "run_async"]
 
@@ -167,6 +169,12 @@ class Run:
             only_failed=only_failed,
             retry_failed=self.retry_failed,
         )
+        # Sampled for report.html, which only a run with a run directory writes.
+        self.timeline = (
+            Timeline([s.name for s in pipeline.stages], [q.maxsize for q in self.queues])
+            if self.run_dir is not None
+            else None
+        )
 
     # -- the run -------------------------------------------------------------------------
 
@@ -203,6 +211,9 @@ class Run:
         for path in (self.run_dir / "report.json" if self.run_dir else None, self.report_path):
             if path is not None:
                 report.write(path)
+        if self.run_dir is not None:
+            # matplotlib takes a second or two to import and draw: off the loop.
+            await asyncio.to_thread(self._write_page, report.status == "interrupted")
         if error is not None:
             error.report = report  # type: ignore[attr-defined]
             raise error
@@ -228,6 +239,8 @@ class Run:
                 await stack.enter_async_context(
                     open_progress(self.snapshot, show=self.progress, interval=self.pipeline.progress_interval)
                 )
+                if self.timeline is not None:
+                    await stack.enter_async_context(open_sampler(self.snapshot, self.timeline))
                 # The flow runs in its own task so that the end of the grace period can cancel
                 # it without cancelling the clean-up that follows.
                 # Only a rerun of a run id pays for ledger lookups: one batch per source batch.
@@ -546,6 +559,35 @@ class Run:
             out["budget_bytes"] = self.budget.total
             out["peak_charged_bytes"] = self.budget.peak
         return out
+
+    def _write_page(self, interrupted: bool) -> None:
+        """Write timeline.json and report.html beside report.json. A failure is logged (stderr),
+        never raised: the run's outcome is report.json's, and it is written already.
+
+        An interrupted run gets no page: the grace period is what the scheduler's kill timeout
+        allows, and drawing takes seconds. ``pipeline report RUN_DIR`` makes it afterwards.
+        """
+        assert self.run_dir is not None
+        page = self.run_dir / REPORT_HTML
+        try:
+            if self.timeline is not None:
+                self.timeline.write(self.run_dir / TIMELINE_JSON, settings=describe_settings(self.pipeline))
+            if interrupted:
+                page.unlink(missing_ok=True)
+                log.info("no report.html for an interrupted run; `pipeline report %s` makes it", self.run_dir)
+                return
+            write_report_html(self.run_dir)
+        except Exception as exc:
+            # A page left by an earlier attempt of the run id would show the wrong run.
+            with contextlib.suppress(OSError):
+                page.unlink(missing_ok=True)
+            log.error(
+                "report.html could not be made (%s: %s); report.json has the run's report; "
+                "`pipeline report %s` tries again",
+                type(exc).__name__,
+                exc,
+                self.run_dir,
+            )
 
     def _new_watermark(self, report: RunReport) -> str | None:
         """The watermark to remember: only after a run in which every item read ended well.

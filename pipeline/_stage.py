@@ -587,6 +587,7 @@ class StageRun:
             ok=stats.ok,
             failed=stats.failed,
             retries=stats.retries,
+            skipped=stats.skipped,
         )
 
     def report(self, wall_s: float) -> StageReport:

@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``.
+"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``, ``report``.
 
 A public module: ``pipeline.cli.main(argv)`` is the command itself, for programs that wrap it
 (``python -m stages.demo`` does). It loads and runs pipelines through the public API
@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--run-id", metavar="ID", required=True, help="the run whose failures to replay")
     retry.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here")
     retry.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    page = sub.add_parser("report", help="rebuild a run's report.html from the files in its run directory")
+    page.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's directory: report_dir/<run id>")
     return parser
 
 
@@ -103,6 +105,21 @@ def _deadletters(pipeline: Any, run_id: str | None) -> int:
     return EXIT_OK
 
 
+def _report_page(run_dir: Path) -> int:
+    from ._html import write_report_html
+
+    if not (run_dir / "report.json").is_file():
+        print(f"{run_dir} has no report.json; give a run's directory (report_dir/<run id>)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        page = write_report_html(run_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{run_dir}: report.html could not be made: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"report: {page}", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script and ``python -m pipeline``."""
     args = _parser().parse_args(argv)
@@ -113,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         from ._tune import main as tune
 
         return tune(args)
+    if args.command == "report":
+        return _report_page(args.run_dir)
     from . import ConfigError, PipelineError, load_config, run
 
     try:
@@ -165,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
         write_textfile(report, metrics)
     if pipeline.report_dir is not None:
-        print(f"report: {pipeline.report_dir / report.run_id / 'report.json'}", file=sys.stderr)
+        run_dir = pipeline.report_dir / report.run_id
+        page = run_dir / "report.html"  # absent only when it could not be made (logged above)
+        print(f"report: {page if page.exists() else run_dir / 'report.json'}", file=sys.stderr)
     if report.abandoned_threads:
         # The interpreter would join the stuck threads at exit, forever: leave without them.
         sys.stdout.flush()
