@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     roots = [s["root"] for s in config.get("stages", []) if s.get("use") == "stages.files:write"]
     if report.exists():
         items = json.loads(report.read_text())["items"]
-        print(f"demo: {items['ok']} ok, {items['failed']} failed; report in {report}", file=sys.stderr)
+        page = report.with_name("report.html")
+        shown = page if page.exists() else report
+        print(f"demo: {items['ok']} ok, {items['failed']} failed; report in {shown}", file=sys.stderr)
     for root in roots:
         print(f"demo: thumbnails in {root}/", file=sys.stderr)
     return code
