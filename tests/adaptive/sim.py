@@ -6,11 +6,19 @@ A call's latency is decided when it starts from the number in flight then, so a 
 optimum in advance:
 
 * a *knee*: latency is ``base`` while at most ``knee`` calls are in flight and grows linearly
-  beyond (``base * n / knee``), so throughput tops out at ``knee / base``;
+  beyond (``base * n / knee``), so throughput tops out at ``knee / base``; with ``degrade`` it
+  grows faster than a plain queue, as :class:`~tests.adaptive.servers.KneeServer` does
+  (``* (1 + degrade * (n - knee) / knee)``), so the best fixed cap is the knee itself;
 * a *rate wall*: a token bucket of ``wall`` calls per second (``burst`` deep, a tenth of a
   second's worth by default); a call over it fails fast with
   :class:`~pipeline.Overloaded` (a 429);
-* a *shift*: ``knee`` changes to ``shift_to`` at virtual time ``shift_at``.
+* a *shift*: ``knee`` changes to ``shift_to`` at virtual time ``shift_at``; or, with
+  ``schedule = ((answers, knee), ...)``, to ``knee`` once that many calls have succeeded (as the
+  benchmark's shifting server does, so fixed caps and ``auto`` meet the same phases).
+
+A run lasts ``duration`` virtual seconds, or until ``items`` calls have succeeded;
+:func:`best_fixed` runs the same service under fixed caps, for the ratio the targets are
+stated in.
 
 As in the engine, a stage has as many workers as the highest limit so far; a worker whose call
 failed with ``Overloaded`` sleeps ``retry_backoff`` (holding no slot) before it takes part again.
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline import Overloaded
@@ -45,7 +53,18 @@ class SimResult:
 
     ok: int = 0
     overloaded: int = 0
+    elapsed: float = 0.0
     trace: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Successful calls per virtual second."""
+        return self.ok / self.elapsed if self.elapsed else 0.0
+
+    @property
+    def overloaded_share(self) -> float:
+        """The share of calls answered 429."""
+        return self.overloaded / max(1, self.ok + self.overloaded)
 
     def limits_between(self, start: float, end: float) -> list[int]:
         """The limits set by updates in ``[start, end)``."""
@@ -58,6 +77,8 @@ class SimService:
 
     base: float = 0.02
     knee: int = 16
+    degrade: float = 0.0
+    schedule: tuple[tuple[int, int], ...] = ()
     shift_at: float | None = None
     shift_to: int | None = None
     wall: float | None = None
@@ -68,13 +89,34 @@ class SimService:
     retry_backoff: float = 0.1
     seed: int = 1
 
-    def knee_at(self, t: float) -> int:
+    def knee_at(self, t: float, answers: int = 0) -> int:
+        """The knee at virtual time ``t``, after ``answers`` successful calls."""
         if self.shift_at is not None and self.shift_to is not None and t >= self.shift_at:
             return self.shift_to
-        return self.knee
+        knee = self.knee
+        for after, new in self.schedule:
+            if answers >= after:
+                knee = new
+        return knee
 
-    def run(self, controller: Controller, clock: VirtualClock, *, limit: int, duration: float) -> SimResult:
-        """Drive ``controller`` for ``duration`` virtual seconds, starting at ``limit``."""
+    def latency(self, in_flight: int, knee: int) -> float:
+        """The noiseless latency of a call started with ``in_flight`` calls in flight."""
+        over = max(0.0, (in_flight - knee) / knee)
+        return self.base * max(1.0, in_flight / knee) * (1 + self.degrade * over)
+
+    def run(
+        self,
+        controller: Controller,
+        clock: VirtualClock,
+        *,
+        limit: int,
+        duration: float = float("inf"),
+        items: int | None = None,
+    ) -> SimResult:
+        """Drive ``controller`` from ``limit`` for ``duration`` virtual seconds, or until ``items``
+        calls have succeeded."""
+        if items is None and duration == float("inf"):
+            raise ValueError("give a duration or a number of items")
         rng = random.Random(self.seed)
         result = SimResult()
         events: list[tuple[float, int, float, BaseException | None]] = []
@@ -107,8 +149,7 @@ class SimService:
             elif self.fail_fast_every and calls % self.fail_fast_every == 0:
                 latency, error = 0.0005, ValueError("bad item")
             else:
-                knee = self.knee_at(now)
-                latency = self.base * max(1.0, in_flight / knee)
+                latency = self.latency(in_flight, self.knee_at(now, result.ok))
                 if self.jitter:
                     latency *= 1 + rng.uniform(-self.jitter, self.jitter)
             seq += 1
@@ -151,11 +192,40 @@ class SimService:
             in_flight -= 1
             if error is None:
                 result.ok += 1
+                if items is not None and result.ok >= items:
+                    break
             elif isinstance(error, Overloaded):
                 result.overloaded += 1
                 heapq.heappush(wakes, now + self.retry_backoff)
             fill(now)
+        result.elapsed = clock.now if items is not None else duration
         return result
+
+
+class FixedLimit:
+    """A controller that keeps one cap: the baseline ``auto`` is measured against."""
+
+    interval = 0.05
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+
+    def observe(self, latency: float, error: BaseException | None, in_flight: int) -> None:
+        """Ignore the attempt."""
+
+    def update(self, now: float, in_flight: int, limit: int) -> int:
+        """Keep the cap."""
+        return self.cap
+
+
+def best_fixed(service: SimService, caps: Iterable[int], *, items: int) -> tuple[int, float]:
+    """The fixed cap with the highest throughput on ``service`` over ``items`` calls, and that
+    throughput."""
+    runs = {
+        cap: service.run(FixedLimit(cap), VirtualClock(), limit=cap, items=items).throughput for cap in caps
+    }
+    cap = max(runs, key=lambda c: runs[c])
+    return cap, runs[cap]
 
 
 def drive_throughput(
@@ -184,3 +254,83 @@ def drive_throughput(
         limit = controller.update(t, limit, limit)
         trace.append((t, limit))
     return trace
+
+
+# -- the benchmark's backends, in virtual time --------------------------------------------------
+
+KNEES = (4, 8, 32)
+"""Knees (calls in flight before a backend slows down) the targets are stated on."""
+
+BASES = (0.005, 0.02, 0.1)
+"""Base latencies, in seconds, the targets are stated on."""
+
+DEGRADE = 0.3
+"""How much worse than a plain queue a backend gets past its knee (as the benchmark's servers)."""
+
+
+def knee_service(knee: int, base: float, *, seed: int = 1) -> SimService:
+    """A backend that saturates past ``knee`` in flight, with 20% latency noise."""
+    return SimService(base=base, knee=knee, degrade=DEGRADE, jitter=0.2, seed=seed)
+
+
+def halving_service(items: int, *, knee: int = 16, base: float = 0.04) -> SimService:
+    """A backend whose knee halves for the middle third of ``items`` answers, then recovers."""
+    schedule = ((items // 3, knee // 2), (items * 2 // 3, knee))
+    return SimService(base=base, knee=knee, degrade=DEGRADE, jitter=0.2, schedule=schedule)
+
+
+def wall_service(wall: float = 300.0, base: float = 0.03) -> SimService:
+    """A backend that answers 429 over ``wall`` calls per second, however few are in flight."""
+    return SimService(base=base, knee=10_000, wall=wall, jitter=0.2)
+
+
+def fixed_caps(knee: int) -> list[int]:
+    """The fixed caps ``auto`` is compared with on a backend whose knee is ``knee``."""
+    return sorted({max(1, knee // 2), knee * 3 // 4, knee, knee * 3 // 2, knee * 2, knee * 4})
+
+
+def items_for(knee: int, base: float, *, seconds: float = 10.0, at_least: int = 3000) -> int:
+    """Enough calls for ``seconds`` at the backend's capacity, and at least ``at_least``."""
+    return max(at_least, round(seconds * knee / base))
+
+
+def spread(trace: list[tuple[float, int]], start: float, end: float) -> dict[str, float]:
+    """Time-weighted statistics of a limit trace ``[(time, limit), ...]`` (each limit holding until
+    the next entry) over ``[start, end)``: the 5th, 50th and 95th percentiles and the mean."""
+    spans: list[tuple[int, float]] = []
+    for (t, limit), (t_next, _) in zip(trace, [*trace[1:], (end, 0)], strict=True):
+        lo, hi = max(t, start), min(t_next, end)
+        if hi > lo:
+            spans.append((limit, hi - lo))
+    total = sum(d for _, d in spans)
+    if not total:
+        last = [limit for t, limit in trace if t < end]
+        value = float(last[-1]) if last else 0.0
+        return {"p5": value, "p50": value, "p95": value, "mean": value}
+    ordered = sorted(spans)
+
+    def quantile(q: float) -> float:
+        seen = 0.0
+        for limit, d in ordered:
+            seen += d
+            if seen >= q * total:
+                return float(limit)
+        return float(ordered[-1][0])
+
+    return {
+        "p5": quantile(0.05),
+        "p50": quantile(0.5),
+        "p95": quantile(0.95),
+        "mean": sum(limit * d for limit, d in spans) / total,
+    }
+
+
+def within(trace: list[tuple[float, int]], start: float, end: float, low: float, high: float) -> float:
+    """The share of ``[start, end)`` during which the trace's limit was within ``[low, high]``."""
+    inside = total = 0.0
+    for (t, limit), (t_next, _) in zip(trace, [*trace[1:], (end, 0)], strict=True):
+        lo, hi = max(t, start), min(t_next, end)
+        if hi > lo:
+            total += hi - lo
+            inside += (hi - lo) if low <= limit <= high else 0.0
+    return inside / total if total else 0.0
