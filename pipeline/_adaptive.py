@@ -149,8 +149,8 @@ class GradientController:
 
     Loss (``Overloaded``, ``RetryAfter``, timeouts) cuts the limit to ``limit * backoff`` at
     once, to ``0.95 x successes/s x median latency`` (Little's law: the concurrency the
-    downstream really sustained) when that is lower, within 10%..50% of the limit (deeper when
-    most calls failed). Losses from calls that started before the previous cut are ignored, so
+    downstream really sustained, successes counted over the last few updates) when that is
+    lower, within 10%..50% of the limit (deeper when most calls failed). Losses from calls that started before the previous cut are ignored, so
     one burst is one cut, as TCP does once per round trip. After a loss the limit grows by at
     most one slot per ``after_loss_hold`` windows, and for ``loss_memory`` seconds never past
     what the downstream sustained when it shed load.
@@ -209,7 +209,7 @@ class GradientController:
         self._good: list[float] = []  # this window's successful latencies
         self._in_flight_sum = 0  # and the in-flight counts they saw
         self._done: list[float] = []  # every success since the last update, for Little's law
-        self._recent: deque[tuple[float, int, float]] = deque(maxlen=4)  # (elapsed, successes, _)
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4)  # (elapsed, successes) per update
         self._losses = 0
         self._last_cut = -math.inf
         self._sustained = math.inf  # what the downstream sustained when it last shed load
@@ -252,9 +252,7 @@ class GradientController:
             outcome = self._on_loss(now, elapsed, done)
             self._recent.clear()
             return outcome
-        self._recent.append((elapsed, len(done), 0.0))
-        if self._losses:
-            return self._on_loss(now, elapsed, done)
+        self._recent.append((elapsed, len(done)))
         good = self._good
         # A probe's window is longer: it replaces the baseline, so it must not be one lucky
         # handful of the calls that came back first.
@@ -338,8 +336,8 @@ class GradientController:
         cut = self._limit * self.backoff
         sustained = self._limit
         recent = self._recent
-        done = sum(n for _, n, _ in recent) + len(good)
-        span = elapsed + sum(e for e, _, _ in recent)
+        done = sum(n for _, n in recent) + len(good)
+        span = elapsed + sum(e for e, _ in recent)
         if len(good) >= self.min_samples and span > 0:
             # Little's law: what the downstream really took, successes per second times the
             # time each took, is the concurrency it can sustain. Aim just below it. Counted
