@@ -150,8 +150,9 @@ class GradientController:
     Loss (``Overloaded``, ``RetryAfter``, timeouts) cuts the limit to ``limit * backoff`` at
     once, to ``0.95 x successes/s x median latency`` (Little's law: the concurrency the
     downstream really sustained, successes counted over the last few updates) when that is
-    lower, within 10%..50% of the limit (deeper when most calls failed). Losses from calls that started before the previous cut are ignored, so
-    one burst is one cut, as TCP does once per round trip. After a loss the limit grows by at
+    lower, within 10%..50% of the limit (deeper when most calls failed). Losses from calls
+    that started before the previous cut are ignored, so one burst is one cut, as TCP does once
+    per round trip. After a loss the limit grows by at
     most one slot per ``after_loss_hold`` windows, and for ``loss_memory`` seconds never past
     what the downstream sustained when it shed load.
 
