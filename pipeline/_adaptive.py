@@ -121,30 +121,40 @@ def make_controller(auto: Auto, initial: int, clock: Clock = time.monotonic) -> 
 
 
 class GradientController:
-    """Latency-gradient limit for IO stages.
+    """Latency-gradient limit for IO stages, after Netflix's Gradient2 and Envoy's adaptive
+    concurrency filter.
 
-    Every update with enough good samples:
+    The controller works in *windows*: a window holds the successful calls that started under
+    the current limit (a call that started before the last change measures the old limit, and
+    acting on it again is what makes a controller cut twice for one queue), and closes at the
+    first update with ``min_samples`` of them and at least ``1.5 x`` the last latency since the
+    change. At the close:
 
-    * ``short`` = the median latency of this interval's successful calls;
-    * ``baseline`` = the lowest ``short`` over the last ``baseline_window`` seconds (the
-      no-load latency, as Envoy's minRTT), re-measured by a *probe* (the limit halved for one
-      interval) every ``probe_every`` seconds, and taken as is when the limit is already at
-      ``min`` (we cannot go lower, so the latency is not ours);
-    * ``gradient`` = ``clamp(tolerance * baseline / short, 0.5, 1)``;
-    * the target is ``limit * gradient``, plus ``sqrt(limit)`` of headroom when latency is
-      within tolerance and the stage uses what it has; the limit moves ``smoothing`` of the
-      way there (all the way down when latency is over twice the baseline). Until the first
-      sign of congestion it doubles instead (slow start);
+    * ``short`` = the window's median latency;
+    * ``baseline`` = the no-load latency: the lowest of a per-concurrency table of window
+      medians, each smoothed over the windows seen at that concurrency (``level_smoothing``), so
+      one lucky window does not set it, and forgotten after ``baseline_window`` seconds. Every
+      ``probe_every`` seconds the limit is halved for one window and what that window measures
+      replaces the table (Envoy's periodic minRTT window), so the baseline follows a
+      downstream that got slower or faster; at ``min`` a congested latency is adopted as is;
+    * the target is ``limit * min(1, baseline / short) + queue * sqrt(limit)``: the limit that
+      would hold the latency at the baseline, plus a queue allowance that grows with the limit
+      (Gradient2), so above a knee the limit settles about ``queue * sqrt(knee)`` past it
+      instead of sawing below it. The limit moves ``smoothing`` of the way there, all the way
+      when the latency is over twice the baseline, and never below half of itself in one
+      window: a latency cut is proportionate to the excess. Until the first sign of
+      congestion it doubles instead (slow start);
     * when nothing comes back for 4x the baseline, the time since the last completion is a
       lower bound of the latency now, and the limit is cut by that gradient without waiting.
 
     Loss (``Overloaded``, ``RetryAfter``, timeouts) cuts the limit to ``limit * backoff`` at
     once, to ``0.95 x successes/s x median latency`` (Little's law: the concurrency the
-    downstream really sustained) when that is lower, within 10%..50% of the limit (deeper when
-    most calls failed). Losses from calls that started before the previous cut are ignored, so
-    one burst is one cut, as TCP does once per round trip. After a loss the limit grows by at
-    most one slot per ``after_loss_hold`` updates, and for ``loss_memory`` seconds never back to
-    the level that drew the loss.
+    downstream really sustained, successes counted over the last few updates) when that is
+    lower, within 10%..50% of the limit (deeper when most calls failed). Losses from calls
+    that started before the previous cut are ignored, so one burst is one cut, as TCP does once
+    per round trip. After a loss the limit grows by at
+    most one slot per ``after_loss_hold`` windows, and for ``loss_memory`` seconds never past
+    what the downstream sustained when it shed load.
 
     A fast failure (an error that is not a loss) is never a latency sample. The limit never
     grows while the stage is *app-limited*: the mean in-flight count seen at completions is
@@ -159,44 +169,54 @@ class GradientController:
         *,
         clock: Clock = time.monotonic,
         interval: float = 0.05,
-        tolerance: float = 1.25,
+        queue: float = 0.4,
         smoothing: float = 0.5,
+        congestion: float = 1.25,
         backoff: float = 0.75,
         mild_backoff: float = 0.9,
-        loss_memory: float = 10.0,
-        min_samples: int = 5,
+        loss_memory: float = 30.0,
+        min_samples: int = 8,
         utilisation: float = 0.8,
-        baseline_window: float = 30.0,
-        probe_every: float = 30.0,
+        level_smoothing: float = 0.3,
+        baseline_window: float = 60.0,
+        probe_every: float = 20.0,
         after_loss_hold: int = 4,
+        slow_start_growth: float = 2.0,
+        flat: float = 1.05,
     ):
         if not 1 <= min_limit <= initial <= max_limit:
             raise ValueError(f"need 1 <= min <= initial <= max, got {min_limit}, {initial}, {max_limit}")
         self.interval = interval
         self.min = min_limit
         self.max = max_limit
-        self.tolerance = tolerance
+        self.queue = queue
         self.smoothing = smoothing
+        self.congestion = congestion
         self.backoff = backoff
         self.mild_backoff = mild_backoff
         self.loss_memory = loss_memory
         self.min_samples = min_samples
         self.utilisation = utilisation
+        self.level_smoothing = level_smoothing
         self.baseline_window = baseline_window
         self.probe_every = probe_every
         self.after_loss_hold = after_loss_hold
+        self.slow_start_growth = slow_start_growth
+        self.flat = flat
         self._clock = clock
         self._limit = float(initial)
         self._slow_start = True
-        self._good: list[float] = []
+        self._changed_at = -math.inf  # when the rounded limit last changed
+        self._good: list[float] = []  # this window's successful latencies
+        self._in_flight_sum = 0  # and the in-flight counts they saw
+        self._done: list[float] = []  # every success since the last update, for Little's law
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4)  # (elapsed, successes) per update
         self._losses = 0
-        self._in_flight_sum = 0
-        self._in_flight_n = 0
         self._last_cut = -math.inf
-        self._loss_level = math.inf  # the limit at which the last loss happened
+        self._sustained = math.inf  # what the downstream sustained when it last shed load
         self._since_growth = 0
-        self._history: deque[tuple[float, float]] = deque()  # (time, short) for the baseline
-        self._last_probe: float | None = None
+        self._levels: dict[int, tuple[float, float]] = {}  # in flight -> (median latency, when)
+        self._next_probe: float | None = None
         self._last_update: float | None = None
         self._last_seen = clock()
         self._stall_cut = False
@@ -211,125 +231,150 @@ class GradientController:
 
     def observe(self, latency: float, error: BaseException | None, in_flight: int) -> None:
         """Account one attempt (see :class:`Controller`)."""
-        self._in_flight_sum += in_flight
-        self._in_flight_n += 1
-        self._last_seen = self._clock()
+        now = self._clock()
+        self._last_seen = now
         self._stall_cut = False
         if error is None:
-            self._good.append(latency)
-        elif is_loss(error) and self._clock() - latency >= self._last_cut:
+            self._done.append(latency)
+            if now - latency >= self._changed_at:
+                self._good.append(latency)
+                self._in_flight_sum += in_flight
+        elif is_loss(error) and now - latency >= self._last_cut:
             self._losses += 1
 
     def update(self, now: float, in_flight: int, limit: int) -> int:
         """Return the new limit (see :class:`Controller`)."""
-        if self._last_probe is None:
-            self._last_probe = now
+        if self._next_probe is None:
+            self._next_probe = now + self.probe_every
         elapsed = now - self._last_update if self._last_update is not None else self.interval
         self._last_update = now
+        done, self._done = self._done, []
         if self._losses:
-            return self._on_loss(now, elapsed)
-        if len(self._good) < self.min_samples:
-            stalled = now - self._last_seen
-            if (
-                self.baseline is not None
-                and in_flight
-                and not self._stall_cut
-                and stalled > max(4 * self.baseline, self.interval)
-            ):
-                # Nothing came back for 4x the no-load latency: the calls in flight take at
-                # least that long. Act on that bound now instead of waiting for them.
-                self._stall_cut = True  # once, until something comes back
-                self._slow_start = False
-                self._limit = max(self.min, self._limit * max(0.5, self.tolerance * self.baseline / stalled))
-            return self._rounded()  # keep accumulating until the interval says something
-        short = statistics.median(self._good)
-        mean_in_flight = self._in_flight_sum / max(1, self._in_flight_n)
-        self._reset_window()
+            outcome = self._on_loss(now, elapsed, done)
+            self._recent.clear()
+            return outcome
+        self._recent.append((elapsed, len(done)))
+        good = self._good
+        # A probe's window is longer: it replaces the baseline, so it must not be one lucky
+        # handful of the calls that came back first.
+        samples, settle = (3 * self.min_samples, 2.0) if self._probing else (self.min_samples, 1.5)
+        if len(good) < samples or (self.short is not None and now - self._changed_at < settle * self.short):
+            self._check_stall(now, in_flight)
+            return self._rounded()  # keep accumulating until the window says something
+        short = statistics.median(good)
+        mean_in_flight = self._in_flight_sum / len(good)
+        self._good = []
+        self._in_flight_sum = 0
         self.short = short
+        level = max(1, round(mean_in_flight))
         if self._probing is not None:
             # The probe's latency, at half the limit, is the new no-load latency.
-            self._history.clear()
-            self._history.append((now, short))
+            self._levels = {level: (short, now)}
             self.baseline = short
-            self._limit = max(self._probing, self.min)
+            self._set(now, self._probing)
             self._probing = None
-            self._last_probe = now
+            self._next_probe = now + self.probe_every
             return self._rounded()
-        self._remember(now, short)
-        assert self.baseline is not None
-        if now - self._last_probe >= self.probe_every and self._limit >= 2 * self.min:
+        baseline = self._remember(now, level, short)
+        if now >= self._next_probe and not self._slow_start and self._limit >= 2 * self.min:
             self._probing = self._limit
-            self._limit = max(self.min, self._limit / 2)
+            self._set(now, max(self.min, self._limit / 2))
             return self._rounded()
-        congested = short > self.tolerance * self.baseline
+        ratio = short / baseline
+        congested = ratio > self.congestion
+        if congested and self._limit <= self.min:
+            # Already as low as allowed: this latency is the downstream's, not our queueing.
+            self._levels = {level: (short, now)}
+            self.baseline = short
+            return self._rounded()
         app_limited = mean_in_flight < self.utilisation * self._limit
-        if congested:
-            self._slow_start = False
-            if self._limit <= self.min:
-                # Already as low as allowed: this latency is the downstream's, not our queueing.
-                self._history.clear()
-                self._history.append((now, short))
-                self.baseline = short
-                return self._rounded()
-        if app_limited and not congested:
-            return self._rounded()
         if self._slow_start:
-            self._limit = min(self.max, self._limit * 2)
-            return self._rounded()
-        gradient = max(0.5, min(1.0, self.tolerance * self.baseline / short))
-        target = self._limit * gradient
-        if not congested:
-            target += math.sqrt(self._limit)
-        # Smooth growth and mild cuts; a severe gradient (latency over twice the baseline)
-        # is acted on at once.
-        smoothing = 1.0 if short > 2 * self.baseline else self.smoothing
-        new = self._limit + smoothing * (target - self._limit)
-        if new > self._limit and self._loss_level < math.inf:
-            # Once the downstream has shed load, grow one slot per few intervals only; and
-            # for loss_memory seconds not back up to the level that drew the loss.
+            if not congested:
+                if not app_limited:
+                    self._set(now, min(self.max, self._limit * self.slow_start_growth))
+                return self._rounded()
+            self._slow_start = False
+        # Gradient2: the limit that keeps latency at the baseline, plus a queue allowance.
+        target = self._limit * min(1.0, 1 / ratio) + self.queue * math.sqrt(self._limit)
+        if app_limited:
+            target = min(target, self._limit)
+        # Smooth the moves near the setpoint, where the noise is; far from it, act at once:
+        # latency over twice the baseline, or no queueing to speak of.
+        smoothing = 1.0 if ratio > 2 or ratio < self.flat else self.smoothing
+        new = max(self._limit / 2, self._limit + smoothing * (target - self._limit))
+        if new > self._limit and self._sustained < math.inf:
+            # Once the downstream has shed load, grow one slot per few windows only; and for
+            # loss_memory seconds not past what it sustained then.
             self._since_growth += 1
             grown = self._limit + 1 if self._since_growth >= self.after_loss_hold else self._limit
             new = min(new, grown)
             if now - self._last_cut < self.loss_memory:
-                new = min(new, max(self._limit, self._loss_level - 1))
+                new = min(new, max(self._limit, self._sustained))
             if new > self._limit:
                 self._since_growth = 0
-        self._limit = min(self.max, max(self.min, new))
+        self._set(now, new)
         return self._rounded()
 
-    def _on_loss(self, now: float, elapsed: float) -> int:
-        good = self._good
+    def _check_stall(self, now: float, in_flight: int) -> None:
+        stalled = now - self._last_seen
+        if (
+            self.baseline is not None
+            and in_flight
+            and not self._stall_cut
+            and stalled > max(4 * self.baseline, self.interval)
+        ):
+            # Nothing came back for 4x the no-load latency: the calls in flight take at least
+            # that long. Act on that bound now instead of waiting for them.
+            self._stall_cut = True  # once, until something comes back
+            self._slow_start = False
+            self._set(now, self._limit * max(0.5, self.baseline / stalled))
+
+    def _on_loss(self, now: float, elapsed: float, good: list[float]) -> int:
         self._slow_start = False
         if self._probing is not None:
             self._limit = self._probing
             self._probing = None
-        self._loss_level = self._limit
         cut = self._limit * self.backoff
-        if len(good) >= self.min_samples and elapsed > 0:
+        sustained = self._limit
+        recent = self._recent
+        done = sum(n for _, n in recent) + len(good)
+        span = elapsed + sum(e for e, _ in recent)
+        if len(good) >= self.min_samples and span > 0:
             # Little's law: what the downstream really took, successes per second times the
-            # time each took, is the concurrency it can sustain. Aim just below it.
+            # time each took, is the concurrency it can sustain. Aim just below it. Counted
+            # over the last few updates, not one: right after a burst of 429s the workers sit
+            # in retry back-off, and one interval would read the downstream's share too low.
             # Trust it fully when most calls failed; otherwise cut between 10% and 50%.
-            sustained = 0.95 * len(good) / elapsed * statistics.median(good)
+            sustained = 0.95 * done / span * statistics.median(good)
             floor = self._limit * 0.5 if self._losses <= len(good) else self.min
             cut = max(floor, min(sustained, self._limit * self.mild_backoff))
-        self._limit = max(self.min, cut)
+        self._sustained = max(self.min, min(sustained, self._limit))
+        self._set(now, cut)
         self._last_cut = now
         self._since_growth = 0
-        self._reset_window()
+        self._losses = 0
+        self._good = []
+        self._in_flight_sum = 0
         return self._rounded()
 
-    def _remember(self, now: float, short: float) -> None:
-        history = self._history
-        history.append((now, short))
-        while history and history[0][0] < now - self.baseline_window:
-            history.popleft()
-        self.baseline = min(s for _, s in history)
+    def _remember(self, now: float, level: int, short: float) -> float:
+        levels = self._levels
+        old = levels.get(level)
+        if old is not None and now - old[1] < self.baseline_window:
+            short = old[0] + self.level_smoothing * (short - old[0])
+        levels[level] = (short, now)
+        for stale in [n for n, (_, seen) in levels.items() if seen < now - self.baseline_window]:
+            del levels[stale]
+        self.baseline = min(latency for latency, _ in levels.values())
+        return self.baseline
 
-    def _reset_window(self) -> None:
-        self._good = []
-        self._losses = 0
-        self._in_flight_sum = 0
-        self._in_flight_n = 0
+    def _set(self, now: float, limit: float) -> None:
+        before = self._rounded()
+        self._limit = min(float(self.max), max(float(self.min), limit))
+        if self._rounded() != before:
+            self._changed_at = now
+            self._good = []
+            self._in_flight_sum = 0
 
     def _rounded(self) -> int:
         return min(self.max, max(self.min, round(self._limit)))

@@ -10,7 +10,7 @@ from pipeline import Auto, Overloaded, RetryAfter, StageTimeout, TransientError
 from pipeline._adaptive import Controller, GradientController, ThroughputController, is_loss, make_controller
 
 from .servers import fetch
-from .sim import FixedCap, SimService, VirtualClock, drive_throughput
+from .sim import FixedLimit, SimService, VirtualClock, drive_throughput
 
 
 def gradient(initial: int = 4, *, low: int = 1, high: int = 256) -> tuple[GradientController, VirtualClock]:
@@ -39,12 +39,14 @@ def test_gradient_converges_near_the_knee() -> None:
 
 
 def test_gradient_follows_capacity_up() -> None:
-    """When the knee moves from 16 to 48, the limit reaches the new knee within 3 s."""
+    """When the knee moves from 16 to 48, the limit reaches the new knee within 3 s and stays
+    within 10% of it or above."""
     controller, clock = gradient()
     service = SimService(base=0.02, knee=16, shift_at=10.0, shift_to=48, jitter=0.2)
     result = service.run(controller, clock, limit=4, duration=20.0)
     assert max(result.limits_between(5.0, 10.0)) <= 32
-    assert min(result.limits_between(13.0, 20.0)) >= 48
+    assert statistics.median(result.limits_between(13.0, 20.0)) >= 48
+    assert min(result.limits_between(13.0, 20.0)) >= 0.9 * 48
 
 
 def test_gradient_follows_capacity_down() -> None:
@@ -80,8 +82,8 @@ def test_gradient_does_not_grow_when_in_flight_is_below_the_limit() -> None:
     """Good latencies while only a quarter of the slots are used leave the limit where it is."""
     controller, clock = gradient(initial=16)
     for step in range(1, 20):
-        feed(controller, clock, [0.02] * 10, in_flight=4)
         clock.now = step * 0.1
+        feed(controller, clock, [0.02] * 10, in_flight=4)
         assert controller.update(clock.now, 4, 16) == 16
 
 
@@ -90,8 +92,8 @@ def test_gradient_slow_start_doubles_while_latency_is_flat() -> None:
     controller, clock = gradient(initial=4)
     limit = 4
     for step in range(1, 4):
-        feed(controller, clock, [0.02] * 10, in_flight=limit)
         clock.now = step * 0.1
+        feed(controller, clock, [0.02] * 10, in_flight=limit)
         limit = controller.update(clock.now, limit, limit)
     assert limit == 32
 
@@ -101,8 +103,8 @@ def test_gradient_respects_min_and_max() -> None:
     controller, clock = gradient(initial=4, low=3, high=10)
     limit = 4
     for step in range(1, 30):
-        feed(controller, clock, [0.02] * 10, in_flight=limit)
         clock.now = step * 0.1
+        feed(controller, clock, [0.02] * 10, in_flight=limit)
         limit = controller.update(clock.now, limit, limit)
     assert limit == 10
     for step in range(30, 60):
@@ -160,10 +162,10 @@ def test_gradient_ignores_fast_failures_as_samples() -> None:
     controller, clock = gradient(initial=8)
     limit = 8
     for step in range(1, 6):
+        clock.now = step * 0.1
         feed(controller, clock, [0.02] * 10, in_flight=limit)
         for _ in range(100):
             controller.observe(0.0001, TransientError("404"), limit)
-        clock.now = step * 0.1
         limit = controller.update(clock.now, limit, limit)
     assert controller.baseline == pytest.approx(0.02)
     assert limit > 8
@@ -180,7 +182,7 @@ def test_gradient_ignores_fast_failures_in_the_simulation() -> None:
 def test_gradient_waits_for_enough_samples() -> None:
     """An update with fewer than min_samples calls changes nothing and keeps them for later."""
     controller, clock = gradient(initial=4)
-    feed(controller, clock, [0.02] * 2, in_flight=4)
+    feed(controller, clock, [0.02] * 5, in_flight=4)
     clock.now = 0.1
     assert controller.update(0.1, 4, 4) == 4
     feed(controller, clock, [0.02] * 3, in_flight=4)
@@ -196,26 +198,28 @@ def test_gradient_adopts_a_slower_downstream_at_the_minimum() -> None:
     step = 0
     for latency in [0.02] * 10 + [0.1] * 20:
         step += 1
-        feed(controller, clock, [latency] * 10, in_flight=limit)
         clock.now = step * 0.1
+        feed(controller, clock, [latency] * 10, in_flight=limit)
         limit = controller.update(clock.now, limit, limit)
     assert controller.baseline == pytest.approx(0.1)
     assert limit > 2
 
 
 def test_gradient_probe_refreshes_the_baseline() -> None:
-    """Every probe_every seconds the limit is halved for one update and the latency then becomes
+    """Every probe_every seconds the limit is halved for one window and the latency then becomes
     the baseline, so a baseline that drifted low is corrected."""
     clock = VirtualClock()
     controller = GradientController(1, 64, 32, clock=clock, probe_every=1.0)
     controller.update(0.0, 32, 32)
     limit = 32
+    clock.now = 0.1
     feed(controller, clock, [0.01] * 10, in_flight=limit)  # an unrepresentative fast moment
     limit = controller.update(0.1, limit, limit)
     seen = []
-    for step in range(2, 15):
-        feed(controller, clock, [0.02] * 10, in_flight=limit)
-        limit = controller.update(step * 0.1, limit, limit)
+    for step in range(2, 25):
+        clock.now = step * 0.1
+        feed(controller, clock, [0.02] * 20, in_flight=limit)
+        limit = controller.update(clock.now, limit, limit)
         seen.append(limit)
     assert min(seen) <= 20  # the probe
     assert controller.baseline == pytest.approx(0.02)
@@ -243,21 +247,19 @@ def auto(concurrency: Auto) -> tuple[Controller, VirtualClock, int]:
     return make_controller(resolved, resolved.initial, clock=clock), clock, resolved.initial
 
 
-# The integration tests' Retry(attempts=50, backoff=0.02, max_backoff=0.2, jitter=0.02).
-RETRY = {"retry_backoff": 0.02, "max_backoff": 0.2, "retry_jitter": 0.02}
+# The integration tests' Retry(backoff=0.02, ...): the simulator's workers back off a fixed time.
+RETRY_BACKOFF = 0.02
 
 
 def test_auto_approaches_the_best_fixed_cap_on_a_knee() -> None:
     """On a service whose knee is 8 in flight (KneeServer's shape: 20 ms, degrade 0.3), 300 items
     with auto take at most 1/0.6 of the time a fixed cap of 8 (the optimum) takes: at least 60%
     of its throughput, ramp-up included, and the limit rises above the initial 4."""
-    service = SimService(base=0.02, knee=8, degrade=0.3, items=300, **RETRY)
-    fixed = service.run(FixedCap(), VirtualClock(), limit=8)
+    service = SimService(base=0.02, knee=8, degrade=0.3, retry_backoff=RETRY_BACKOFF)
+    fixed = service.run(FixedLimit(8), VirtualClock(), limit=8, items=300)
     controller, clock, initial = auto(Auto(max=64))
-    adaptive = service.run(controller, clock, limit=initial)
+    adaptive = service.run(controller, clock, limit=initial, items=300)
     assert fixed.ok == adaptive.ok == 300
-    assert fixed.elapsed is not None
-    assert adaptive.elapsed is not None
     assert 300 / adaptive.elapsed >= 0.6 * 300 / fixed.elapsed
     assert max(limit for _, limit in adaptive.trace) > 4
 
@@ -265,10 +267,10 @@ def test_auto_approaches_the_best_fixed_cap_on_a_knee() -> None:
 def test_auto_backs_off_a_rate_wall() -> None:
     """Against a 429 wall at 200/s (20 ms answers: 4 in flight), auto starting at 16 gets under
     half the share of 429s a fixed cap of 16 gets over 400 items, and ends below 16."""
-    service = SimService(base=0.02, knee=10_000, wall=200, items=400, **RETRY)
-    fixed = service.run(FixedCap(), VirtualClock(), limit=16)
+    service = SimService(base=0.02, knee=10_000, wall=200, retry_backoff=RETRY_BACKOFF)
+    fixed = service.run(FixedLimit(16), VirtualClock(), limit=16, items=400)
     controller, clock, initial = auto(Auto(initial=16, max=64))
-    adaptive = service.run(controller, clock, limit=initial)
+    adaptive = service.run(controller, clock, limit=initial, items=400)
     assert fixed.ok == adaptive.ok == 400
     assert adaptive.overloaded_share < fixed.overloaded_share / 2
     assert adaptive.trace[-1][1] < 16
