@@ -123,6 +123,9 @@ class Context:
         limiter: The stage's own cap; ``None`` for the source.
         max_concurrency: The most ``limiter.total`` can become during the run (it moves
             with ``concurrency = "auto"``): size connection pools by this.
+        timeout: The stage's ``timeout`` (seconds one attempt may take), or ``None``. A thread
+            stage cannot be cancelled: give its calls a deadline of their own within this, or
+            a timed-out call keeps its slot until it returns.
     """
 
     def __init__(
@@ -136,8 +139,10 @@ class Context:
         shared: SharedResources,
         pause: Callable[[float], None] | None = None,
         max_concurrency: int | None = None,
+        timeout: float | None = None,
     ):
         self.pipeline = pipeline
+        self.timeout = timeout
         self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
         self.ceiling: int | None = None
         """The lowest hard ceiling declared with :meth:`cap_at` (or by :meth:`database`)."""

@@ -374,7 +374,12 @@ class Run:
             if is_factory(fn):
                 # The stage's run exists only once its callable does: pause through the list.
                 ctx = self._context(
-                    spec.name, limiter, shared, functools.partial(self._pause, i), spec.max_concurrency
+                    spec.name,
+                    limiter,
+                    shared,
+                    functools.partial(self._pause, i),
+                    spec.max_concurrency,
+                    timeout=spec.timeout,
                 )
                 fn = await _open(stack, spec.fn(ctx, **spec.options), f"stage {spec.name!r}")
                 if not callable(fn):
@@ -422,6 +427,8 @@ class Run:
         shared: SharedResources,
         pause: Callable[[float], None] | None = None,
         max_concurrency: int | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Context:
         return Context(
             pipeline=self.pipeline.name,
@@ -432,6 +439,7 @@ class Run:
             shared=shared,
             pause=pause,
             max_concurrency=max_concurrency,
+            timeout=timeout,
         )
 
     # -- stopping ------------------------------------------------------------------------

@@ -4,11 +4,20 @@ Errors are sorted at one boundary (:func:`_translate` and the status checks in `
 
 * connection errors, timeouts, truncated bodies, 5xx and 429 raise
   :class:`~pipeline.TransientError` (chained), which the engine retries;
-* 429 or 503 with a usable ``Retry-After`` raise :class:`~pipeline.RetryAfter`, which pauses
-  the whole stage before the retry;
-* everything else (a bad URL, one refused by ``allowed_hosts``, ``denied_hosts`` or
+* 429 or 503 with a usable ``Retry-After`` pause that origin (scheme, host and port) in the
+  stage's per-host gate and raise :class:`~pipeline.Overloaded`: other hosts go on, and a retry
+  for the paused host waits out the pause (or fails at once, transiently, if the pause outlasts
+  its deadline). The engine's stage-wide :class:`~pipeline.RetryAfter` is not used;
+* an attempt still running at its ``deadline`` has its connection closed by a watchdog thread
+  and raises :class:`~pipeline.TransientError`: a server trickling its headers or body a byte at
+  a time cannot hold a slot past the deadline;
+* everything else (a bad or ambiguous URL, one refused by ``allowed_hosts``, ``denied_hosts`` or
   ``deny_private``, another 4xx, a body over ``max_bytes``, too many
   redirects, a TLS failure) raises :class:`DownloadError`, which fails the item for good.
+
+Host rules are applied to each request as requests will send it (the prepared URL, every hop),
+never to a parse that disagrees with the connection; with ``deny_private`` the address actually
+connected is checked too, before a byte is sent on it.
 
 URLs in messages never carry userinfo (``user:password@``).
 """
@@ -20,8 +29,11 @@ import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
+import heapq
 import http
 import ipaddress
+import itertools
+import logging
 import math
 import socket
 import threading
@@ -31,16 +43,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import aiolimiter
+import idna
 import pydantic
 import requests
 import requests.adapters
+import urllib3
+import urllib3.connection
+import urllib3.connectionpool
 from urllib3.util.retry import Retry as _Urllib3Retry
 
 from pipeline import (
+    ConfigError,
     Context,
     Item,
     Overloaded,
-    RetryAfter,
     TransientError,
     factory,
     parse_rate,
@@ -57,7 +73,12 @@ from ._options import (
     checked_options,
 )
 
-__all__ = ["DEFAULT_USER_AGENT", "DownloadError", "download"]
+__all__ = ["DEFAULT_DEADLINE", "DEFAULT_USER_AGENT", "DownloadError", "download"]
+
+DEFAULT_DEADLINE = 300.0
+"""Seconds an attempt may take when neither ``deadline`` nor the stage's ``timeout`` is set."""
+
+log = logging.getLogger("stages.http")
 
 DEFAULT_USER_AGENT = f"pipeline-download/0.1 python-requests/{requests.__version__}"
 """The ``User-Agent`` sent unless the stage sets ``user_agent``."""
@@ -87,8 +108,12 @@ def _redact(url: str) -> str:
     """Return ``url`` without its userinfo (``user:password@``), for messages and logs."""
     try:
         parts = urllib.parse.urlsplit(url)
+        sent = urllib3.util.parse_url(url)
     except ValueError:
         return "<unparsable URL>"
+    if (parts.hostname or "") != (sent.host or "").strip("[]").lower():
+        # An ambiguous URL (a backslash before "@"): show it as requests would send it.
+        return sent._replace(auth=None).url
     if "@" not in parts.netloc:
         return url
     host = parts.netloc.rpartition("@")[2]
@@ -133,10 +158,34 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SHARED_SPACE = ipaddress.ip_network("100.64.0.0/10")
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: where the IPv4 sits varies
+_TEREDO = ipaddress.ip_network("2001::/32")
+
+
 def _private_reason(address: IPAddress) -> str | None:
-    """What kind of non-public address ``address`` is ("a loopback address"), or ``None`` if public."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    """What kind of non-public address ``address`` is ("a loopback address"), or ``None`` if public.
+
+    An IPv6 address that carries an IPv4 one (IPv4-mapped ``::ffff:0:0/96``, 6to4 ``2002::/16``,
+    NAT64 ``64:ff9b::/96``) is judged by the IPv4 address it carries; local-use NAT64 and Teredo
+    (``2001::/32``), which reach IPv4 hosts through relays this check cannot see, are refused.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded: tuple[str, ipaddress.IPv4Address] | None = None
+        if address.ipv4_mapped is not None:
+            embedded = ("an IPv4-mapped address", address.ipv4_mapped)
+        elif address.sixtofour is not None:
+            embedded = ("a 6to4 address", address.sixtofour)
+        elif address in _NAT64:
+            embedded = ("a NAT64 address", ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        elif address in _LOCAL_NAT64:
+            return "a local-use NAT64 address (it may reach any IPv4 host behind the translator)"
+        elif address in _TEREDO:
+            return "a Teredo address (it reaches IPv4 hosts through a relay)"
+        if embedded is not None:
+            kind, inner = embedded
+            reason = _private_reason(inner)
+            return None if reason is None else f"{kind} embedding {inner}, {reason}"
     if address.is_unspecified:
         return "an unspecified address"
     if address.is_loopback:
@@ -195,11 +244,16 @@ AllowedHosts = Annotated[HostList, pydantic.AfterValidator(_not_empty_hosts)]
 
 
 class _HostCheck:
-    """The scheme and host rules, applied to the first URL and to every redirect target.
+    """The scheme and host rules, applied to each request as requests sends it.
 
-    With ``deny_private`` a host name is resolved here, and the connection resolves it again:
-    a DNS server that answers differently the second time (DNS rebinding) is not caught. Keep
-    an egress firewall for that; this check stops the honest mistakes and the plain attacks.
+    :meth:`prepare` reads a catalog URL as requests will (``PreparedRequest.prepare_url``) and
+    refuses one that ``urllib.parse`` reads as another host: ``http://127.0.0.1:8080\\@a.example/``
+    is ``a.example`` to urllib but a request to 127.0.0.1. :meth:`rules` then judges the host
+    of a prepared URL, the one requests' adapter connects to, for the first URL and every
+    redirect hop. With ``deny_private`` a host name is resolved here, and the connection
+    resolves it again: :meth:`peer` checks the address actually connected, so a DNS server
+    that answers differently the second time (DNS rebinding) is caught once connected, before
+    anything is sent.
     """
 
     def __init__(
@@ -214,40 +268,115 @@ class _HostCheck:
         if allowed_hosts is not None:
             self._exact, self._suffixes = _host_patterns(allowed_hosts)
         self._denied_exact, self._denied_suffixes = _host_patterns(denied_hosts or [])
-        self._deny_private = deny_private
+        self.deny_private = deny_private
         self._resolve = resolve or _resolve
 
     def __call__(self, url: str, *, what: str) -> None:
+        """Check ``url`` as :meth:`prepare` then :meth:`rules` do (for tests and direct use)."""
+        self.rules(self.prepare(url, what=what), what=what)
+
+    def prepare(self, url: str, *, what: str) -> str:
+        """Return ``url`` as requests will send it, after checking that it is one.
+
+        Raises:
+            DownloadError: Not an http(s) URL with a host, or an ambiguous one.
+        """
+        shown = _redact(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            written = (parts.hostname or "").rstrip(".")
+        except ValueError as exc:
+            raise DownloadError(
+                f"{what} {shown!r} is not a valid URL ({exc}); fix the URL", url=shown
+            ) from exc
+        self._check_scheme(parts.scheme, url, what)
+        if not written:
+            raise DownloadError(f"{what} {shown!r} has no host; fix the URL", url=shown)
+        request = requests.PreparedRequest()
+        try:
+            request.prepare_url(url, None)
+        except (requests.RequestException, ValueError) as exc:
+            raise DownloadError(
+                f"{what} {shown!r} is not a valid URL ({exc}); fix the URL", url=shown
+            ) from exc
+        prepared = str(request.url)
+        sent = (urllib.parse.urlsplit(prepared).hostname or "").rstrip(".")
+        if not written.isascii():
+            # The encoding prepare_url uses (IDNA 2008 with UTS 46), so an honest IDN matches.
+            with contextlib.suppress(idna.IDNAError):
+                written = idna.encode(written, uts46=True).decode("ascii")
+        if written.isascii() and written.lower() != sent.lower():
+            raise DownloadError(
+                f"{what} {shown!r} is ambiguous: it reads as host {written!r}, but requests would "
+                f"connect to host {sent!r} (a backslash, or another character URL parsers read "
+                "differently, in front of '@'); fix the URL",
+                url=shown,
+            )
+        return prepared
+
+    def rules(self, url: str, *, what: str) -> None:
+        """Apply the scheme and host rules to ``url``, a prepared URL, before it is requested.
+
+        The host is read with ``urllib.parse``, exactly as requests' adapter reads it to pick
+        the connection.
+
+        Raises:
+            DownloadError: The URL is refused.
+            TransientError: With ``deny_private``, its host name did not resolve.
+        """
+        shown = _redact(url)
         try:
             parts = urllib.parse.urlsplit(url)
             host = (parts.hostname or "").rstrip(".")
         except ValueError as exc:
             raise DownloadError(
-                f"{what} {_redact(url)!r} is not a valid URL ({exc}); fix the URL", url=_redact(url)
+                f"{what} {shown!r} is not a valid URL ({exc}); fix the URL", url=shown
             ) from exc
-        if parts.scheme.lower() not in _SCHEMES:
-            scheme = parts.scheme or "no scheme"
-            raise DownloadError(
-                f"{what} {_redact(url)!r} has {scheme!r}: only http and https URLs are downloaded; "
-                "fix the URL",
-                url=_redact(url),
-            )
+        self._check_scheme(parts.scheme, url, what)
         if not host:
-            raise DownloadError(f"{what} {_redact(url)!r} has no host; fix the URL", url=_redact(url))
+            raise DownloadError(f"{what} {shown!r} has no host; fix the URL", url=shown)
         if host in self._denied_exact or (self._denied_suffixes and host.endswith(self._denied_suffixes)):
             raise DownloadError(
-                f"{what} {_redact(url)!r} is on host {host!r}, which is in denied_hosts; "
+                f"{what} {shown!r} is on host {host!r}, which is in denied_hosts; "
                 "remove the URL from the catalog, or the host from the stage's denied_hosts",
-                url=_redact(url),
+                url=shown,
             )
         if self._exact is not None and host not in self._exact and not host.endswith(self._suffixes):
             raise DownloadError(
-                f"{what} {_redact(url)!r} is on host {host!r}, which is not in allowed_hosts; "
+                f"{what} {shown!r} is on host {host!r}, which is not in allowed_hosts; "
                 "add it to the stage's allowed_hosts or fix the URL",
-                url=_redact(url),
+                url=shown,
             )
-        if self._deny_private:
+        if self.deny_private:
             self._check_addresses(url, host, what)
+
+    def peer(self, address: str, host: str, shown: str) -> None:
+        """With ``deny_private``, refuse a connection to ``host`` that reached ``address``.
+
+        Raises:
+            DownloadError: ``address`` is not public.
+        """
+        if not self.deny_private:
+            return
+        reason = _private_reason(ipaddress.ip_address(address.partition("%")[0]))
+        if reason is not None:
+            raise DownloadError(
+                f"GET {shown} is refused: the connection to host {host!r} connected to {address!r}, "
+                f"{reason}, and deny_private is set (the name resolved to a public address when "
+                "checked: DNS rebinding, or a changing DNS answer); remove the URL from the catalog, "
+                "or set deny_private = false if the stage must reach internal hosts",
+                url=shown,
+            )
+
+    @staticmethod
+    def _check_scheme(scheme: str, url: str, what: str) -> None:
+        if scheme.lower() not in _SCHEMES:
+            shown = _redact(url)
+            raise DownloadError(
+                f"{what} {shown!r} has {scheme or 'no scheme'!r}: only http and https URLs are "
+                "downloaded; fix the URL",
+                url=shown,
+            )
 
     def _check_addresses(self, url: str, host: str, what: str) -> None:
         shown = _redact(url)
@@ -315,11 +444,12 @@ class _HostRates:
             limiter = self._limiters[host] = aiolimiter.AsyncLimiter(self._max_rate, self._time_period)
         await limiter.acquire()
 
-    def wait(self, url: str) -> None:
+    def wait(self, url: str, timeout: float | None = None) -> None:
         """Block until ``url``'s host has room under the rate (call from a worker thread).
 
         Raises:
-            TransientError: The stage closed before the wait ended.
+            TransientError: The stage closed before the wait ended, or ``timeout`` seconds
+                (what is left of the attempt's deadline) passed first.
         """
         host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".").lower()
         coro = self._acquire(host)
@@ -337,7 +467,13 @@ class _HostRates:
                 raise
             self._pending.add(future)
         try:
-            future.result()
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TransientError(
+                f"GET {_redact(url)} was not sent: its deadline passed while it waited for host "
+                f"{host!r}'s rate_per_host ({self._rate})"
+            ) from None
         except concurrent.futures.CancelledError:
             raise TransientError(
                 f"GET {_redact(url)} was not sent: the download stage closed while it waited "
@@ -356,34 +492,325 @@ class _HostRates:
             future.cancel()
 
 
-class _GuardedSession(requests.Session):
-    """A session that checks each redirect target before following it (not after the fact).
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, the default port written out: what a Retry-After pauses."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{parts.port or (443 if scheme == 'https' else 80)}"
 
-    With ``rates``, every request it sends (the first and each redirect hop) first waits for
-    its host's turn.
+
+class _HostGate:
+    """Per-origin pauses asked for by ``Retry-After``: one host's pause never holds another's items.
+
+    A request for a paused origin waits in its thread when the pause ends before its attempt's
+    deadline, and fails at once (transiently: the engine retries it) when it does not, so a
+    long pause does not hold a slot for nothing.
+
+    Args:
+        clock: Monotonic seconds; tests pass a fake one.
     """
 
-    def __init__(self, check: _HostCheck, rates: _HostRates | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def pause(self, origin: str, seconds: float) -> None:
+        """Hold requests to ``origin`` for ``seconds`` from now (a longer pause already set stays)."""
+        until = self._clock() + seconds
+        with self._lock:
+            if until > self._until.get(origin, 0.0):
+                self._until[origin] = until
+
+    def delay(self, origin: str, *, deadline: float) -> float:
+        """Seconds a request to ``origin`` must wait now (0 when it is not paused).
+
+        Raises:
+            TransientError: The pause lasts past ``deadline`` (on the gate's clock).
+        """
+        now = self._clock()
+        with self._lock:
+            until = self._until.get(origin)
+            if until is not None and until <= now:
+                del self._until[origin]
+                until = None
+        if until is None:
+            return 0.0
+        if until > deadline:
+            raise TransientError(
+                f"host {origin} is paused for another {until - now:g}s by its Retry-After, past this "
+                "attempt's deadline: the request was not sent, and the item is retried under the "
+                "stage's retry policy (lower max_retry_after, or allow more attempts, if such items "
+                "run out of attempts)"
+            )
+        return until - now
+
+    def wait(self, origin: str, *, deadline: float) -> None:
+        """Block until ``origin`` is not paused (see :meth:`delay`); call from a worker thread.
+
+        Raises:
+            TransientError: The pause lasts past ``deadline``, or the stage closed meanwhile.
+        """
+        delay = self.delay(origin, deadline=deadline)
+        if delay > 0 and self._closed.wait(delay):
+            raise TransientError(f"host {origin} was paused when the download stage closed")
+
+    def close(self) -> None:
+        """End every wait (their threads raise TransientError)."""
+        self._closed.set()
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut ``sock`` down in both directions: a ``recv`` blocked in another thread returns at once
+    (closing the file descriptor alone would not wake it). On an SSL socket this skips the TLS
+    layer on purpose: it must work while another thread is inside a TLS read."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Attempt:
+    """One call of ``fetch``: its deadline, and the sockets it uses, which the watchdog shuts down
+    if the deadline passes first.
+
+    Args:
+        url: The URL, for messages (without userinfo).
+        seconds: The deadline, from now.
+        check: The host rules, for the connected peer's address.
+    """
+
+    def __init__(self, url: str, seconds: float, check: _HostCheck) -> None:
+        self.url = url
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.check = check
+        self.expired = False
+        self._done = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def connected(self, sock: socket.socket, host: str, proxied: bool) -> None:
+        """A new connection: check whom it reached, then watch it."""
+        if not proxied:  # through a proxy the peer is the proxy; it must enforce the rule
+            self.check.peer(str(sock.getpeername()[0]), host, self.url)
+        self.use(sock)
+
+    def use(self, sock: socket.socket) -> None:
+        """Watch ``sock`` until the attempt ends; shut it at once if the deadline already passed."""
+        with self._lock:
+            if not self.expired:
+                if not self._done:
+                    self._sockets.append(sock)
+                return
+        _shut(sock)
+
+    def expire(self) -> None:
+        """The deadline passed: shut every socket the attempt still uses (from the watchdog)."""
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+    def finish(self) -> None:
+        """The attempt returned: its connections go back to the pool, unwatched."""
+        with self._lock:
+            self._done = True
+            self._sockets.clear()
+
+
+_current = threading.local()
+"""``_current.attempt``: the :class:`_Attempt` the worker thread is running, if any."""
+
+
+def _attempt() -> _Attempt | None:
+    attempt: _Attempt | None = getattr(_current, "attempt", None)
+    return attempt
+
+
+class _Watchdog:
+    """One daemon thread that expires attempts at their deadlines (see :class:`_Attempt`).
+
+    A per-read timeout cannot bound a server that sends a byte just often enough; closing the
+    connection from another thread can. Started on first use, stopped by :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Attempt]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, attempt: _Attempt) -> None:
+        """Expire ``attempt`` at its deadline, unless it finished by then."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the download stage was called after it was closed")
+            heapq.heappush(self._heap, (attempt.deadline, next(self._order), attempt))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="download-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                due: list[_Attempt] = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+                if due:
+                    self._cond.release()
+                    try:
+                        for attempt in due:
+                            attempt.expire()
+                    finally:
+                        self._cond.acquire()
+                    continue
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+    def close(self) -> None:
+        """Expire every attempt still watched, and stop the thread."""
+        with self._cond:
+            self._closed = True
+            pending, self._heap = self._heap, []
+            thread, self._thread = self._thread, None
+            self._cond.notify()
+        for _, _, attempt in pending:
+            attempt.expire()
+        if thread is not None:
+            thread.join()
+
+
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    """An HTTP connection that reports each socket it opens, and each reuse, to the thread's attempt."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _report_new(sock, self)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _report_use(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedTLSConnection(urllib3.connection.HTTPSConnection):
+    """:class:`_WatchedConnection` for https: the peer is checked before the TLS handshake."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _report_new(sock, self)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _report_use(self)
+        super().request(*args, **kwargs)
+
+
+def _report_new(sock: socket.socket, conn: urllib3.connection.HTTPConnection) -> None:
+    attempt = _attempt()
+    if attempt is None:
+        return
+    try:
+        attempt.connected(sock, conn.host, proxied=conn.proxy is not None)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _report_use(conn: urllib3.connection.HTTPConnection) -> None:
+    attempt = _attempt()
+    if attempt is not None and conn.sock is not None:
+        attempt.use(conn.sock)
+
+
+class _WatchedPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedTLSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedTLSConnection
+
+
+_POOLS = {"http": _WatchedPool, "https": _WatchedTLSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose connections (direct or through an HTTP proxy) report to the attempt."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, urllib3.ProxyManager):  # not SOCKS, which has pools of its own
+            manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+class _GuardedSession(requests.Session):
+    """A session that checks each request it sends, the first and every redirect hop, as sent.
+
+    Before each request: the host rules on the prepared URL, then the origin's Retry-After
+    pause, then (with ``rates``) its host's turn, each bounded by the attempt's deadline. On a
+    redirect to another host (or port, or scheme), the stage's custom ``headers`` are dropped,
+    as requests drops ``Authorization``.
+    """
+
+    def __init__(
+        self,
+        check: _HostCheck,
+        gate: _HostGate,
+        rates: _HostRates | None = None,
+        private_headers: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self._check = check
+        self._gate = gate
         self._rates = rates
+        self._private_headers = private_headers
+        self._redirect_from = ""
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        if self._rates is not None and request.url is not None:
-            self._rates.wait(request.url)
+        url = str(request.url)
+        hop = kwargs.get("allow_redirects") is False  # resolve_redirects sends each hop so
+        self._check.rules(url, what=f"redirect from {self._redirect_from!r} to" if hop else "URL")
+        attempt = _attempt()
+        deadline = math.inf if attempt is None else attempt.deadline
+        self._gate.wait(_origin(url), deadline=deadline)
+        if self._rates is not None:
+            self._rates.wait(url, None if attempt is None else attempt.remaining())
         return super().send(request, **kwargs)
 
     def get_redirect_target(self, resp: requests.Response) -> str | None:
         target = super().get_redirect_target(resp)
         if target is not None:
-            try:
-                self._check(
-                    urllib.parse.urljoin(resp.url, target), what=f"redirect from {_redact(resp.url)!r} to"
-                )
-            except Exception:
-                resp.close()
-                raise
+            self._redirect_from = _redact(resp.url)
         return target
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        super().rebuild_auth(prepared_request, response)  # type: ignore[no-untyped-call]  # stubs
+        previous = response.request.url if response.request is not None else None
+        if (
+            self._private_headers
+            and previous is not None
+            and prepared_request.url is not None
+            and self.should_strip_auth(previous, prepared_request.url)  # type: ignore[no-untyped-call]
+        ):
+            for name in self._private_headers:
+                prepared_request.headers.pop(name, None)
 
 
 class _Sessions:
@@ -472,6 +899,7 @@ async def download(
     user_agent: str = DEFAULT_USER_AGENT,
     trust_env: Flag = True,
     rate_per_host: Rate | None = None,
+    deadline: PositiveSeconds | None = None,
 ) -> AsyncIterator[Callable[[Item], Item]]:
     """Download ``item[url_field]``; a blocking stage, run in the engine's thread pool.
 
@@ -489,8 +917,8 @@ async def download(
         ctx: The engine's context.
         url_field: The item field holding the URL.
         connect_timeout: Seconds to wait for a connection.
-        read_timeout: Seconds to wait for each read from the socket (not for the whole body:
-            the stage's ``timeout`` bounds that).
+        read_timeout: Seconds to wait for each read from the socket (not for the whole
+            answer: ``deadline`` bounds that).
         max_bytes: Largest body accepted; a larger one fails the item for good.
         allowed_hosts: If given, only these hosts (and the targets of their redirects) are
             fetched; ``"*.example.com"`` allows any subdomain of ``example.com``.
@@ -500,12 +928,21 @@ async def download(
         deny_private: Refuse loopback, private (10/8, 172.16/12, 192.168/16, 100.64/10,
             fc00::/7), link-local (169.254/16 with the cloud metadata address, fe80::/10),
             unspecified, multicast and reserved addresses: an IP written in the URL, or any
-            one address its host name resolves to. Set it when the URLs come from users. A
-            name that does not resolve is a transient failure.
+            one address its host name resolves to, and the address each connection actually
+            reached (so a name that resolves differently the second time, DNS rebinding, is
+            refused before a byte is sent). IPv6 forms carrying an IPv4 address (IPv4-mapped,
+            6to4, NAT64) are judged by that address; Teredo and local-use NAT64 are refused.
+            Set it when the URLs come from users. A name that does not resolve is a transient
+            failure. Through a proxy the connected peer is the proxy: it is not checked.
         max_redirects: Redirects followed before the item fails.
         max_retry_after: The longest ``Retry-After`` honoured, in seconds; longer asks are cut
-            to this.
-        headers: Extra request headers; they override ``user_agent``.
+            to this. A 429 or 503 with ``Retry-After`` pauses its origin (scheme, host, port),
+            not the stage: other hosts go on. A request for a paused origin waits in its slot
+            if the pause ends before its deadline, else fails transiently at once and is
+            retried under the stage's ``retry`` policy.
+        headers: Extra request headers; they override ``user_agent``. They are dropped when
+            a redirect leaves the first URL's host (or port, or scheme), as requests drops
+            ``Authorization``.
         user_agent: The ``User-Agent`` header.
         trust_env: Take proxies and ``.netrc`` credentials from the environment, as
             ``requests`` does by default.
@@ -514,29 +951,51 @@ async def download(
             worth). A host is the URL's host name, whatever the port: ``localhost`` and
             ``127.0.0.1`` are two hosts. Every request counts, redirect hops included, each
             against its own host. The wait happens in the worker thread, holding its slot and
-            counting towards the stage's ``timeout``: a long run of URLs on one host can hold
+            counting towards the deadline: a long run of URLs on one host can hold
             every slot while other hosts wait, so mix hosts in the source's order.
+        deadline: Seconds one call may take in all (connecting, headers, body, redirects and
+            waits), enforced by a watchdog thread that closes the connection when it passes,
+            so the call returns on its own thread however slowly the server trickles. By
+            default the stage's ``timeout`` less a tenth (at most 1 s), so the stage's own
+            error, not the engine's timeout, reports it and the slot is free when the engine
+            moves on; :data:`DEFAULT_DEADLINE` if the stage has no timeout. It may not exceed
+            the stage's ``timeout``. Name resolution is not covered (it cannot be interrupted).
 
     Yields:
         ``fetch(item) -> item``, a plain function.
 
     Raises:
         ConfigError: On a direct call, an option is out of range (also a ``ValueError``); in a
-            run the engine refuses it when the stage is defined, before anything runs.
+            run the engine refuses it when the stage is defined, before anything runs. Also
+            when ``deadline`` is longer than the stage's ``timeout``.
     """
+    if deadline is None:
+        deadline = DEFAULT_DEADLINE if ctx.timeout is None else ctx.timeout - min(1.0, ctx.timeout / 10)
+    elif ctx.timeout is not None and deadline > ctx.timeout:
+        raise ConfigError(
+            f"stage {ctx.stage!r}: deadline must be at most the stage's timeout ({ctx.timeout:g}s), "
+            f"got {deadline!r}; past the timeout the engine gives up on the call anyway, and its "
+            "thread would hold the slot until the deadline. Lower deadline, or leave it out"
+        )
+    limit = deadline
+    # Each download in flight may come to hold max_bytes: count that against memory_budget.
+    ctx.weighs(lambda item: max_bytes)
     rates = None if rate_per_host is None else _HostRates(asyncio.get_running_loop(), rate_per_host)
     check = _HostCheck(allowed_hosts, denied_hosts, deny_private)
+    gate = _HostGate()
+    watchdog = _Watchdog()
     pool_size = ctx.max_concurrency
     request_headers = {"User-Agent": user_agent, **(headers or {})}
+    private_headers = tuple(name for name in headers or {} if name.lower() != "user-agent")
     timeout = (connect_timeout, read_timeout)
 
     def make_session() -> requests.Session:
-        session = _GuardedSession(check, rates)
+        session = _GuardedSession(check, gate, rates, private_headers)
         session.max_redirects = max_redirects
         session.trust_env = trust_env
         session.headers.update(request_headers)
         # total=0, read=False: urllib3 never retries or re-sends on its own; the engine does.
-        adapter = requests.adapters.HTTPAdapter(
+        adapter = _WatchedAdapter(
             pool_maxsize=pool_size, max_retries=_Urllib3Retry(total=0, read=False, redirect=False)
         )
         session.mount("http://", adapter)
@@ -555,16 +1014,31 @@ async def download(
             )
         url = url.strip()
         shown = _redact(url)
-        check(url, what="URL")
+        prepared = check.prepare(url, what="URL")
+        attempt = _Attempt(shown, limit, check)
+        watchdog.watch(attempt)
+        _current.attempt = attempt
         try:
-            response = sessions.get().get(url, timeout=timeout, stream=True)
+            facts = _get(sessions.get(), prepared, shown)
+            if attempt.expired:  # a body read to its close may end "cleanly" when the watchdog cuts it
+                raise _past_deadline(shown, limit)
+            return {**item, **facts}
         except requests.RequestException as exc:
+            if attempt.expired:
+                raise _past_deadline(shown, limit) from exc
             raise _translate(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout) from exc
+        finally:
+            _current.attempt = None
+            attempt.finish()
+
+    def _get(session: requests.Session, url: str, shown: str) -> Item:
+        """The GET itself: the body and its facts, or the error its answer calls for."""
+        response = session.get(url, timeout=timeout, stream=True)
         with response:
             status = response.status_code
             if status >= 300:
                 _drain(response)
-                _raise_for_status(response, shown, max_retry_after)
+                _raise_for_status(response, shown, max_retry_after, gate)
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > max_bytes:
                 raise DownloadError(
@@ -576,26 +1050,20 @@ async def download(
             digest = hashlib.sha256()
             chunks: list[bytes] = []
             size = 0
-            try:
-                for chunk in response.iter_content(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise DownloadError(
-                            f"GET {shown} sent more than {max_bytes} bytes, larger than "
-                            f"max_bytes={max_bytes}; raise max_bytes or skip this URL",
-                            url=shown,
-                            status=status,
-                        )
-                    digest.update(chunk)
-                    chunks.append(chunk)
-            except requests.RequestException as exc:
-                raise _translate(
-                    exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
-                ) from exc
+            for chunk in response.iter_content(_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(
+                        f"GET {shown} sent more than {max_bytes} bytes, larger than "
+                        f"max_bytes={max_bytes}; raise max_bytes or skip this URL",
+                        url=shown,
+                        status=status,
+                    )
+                digest.update(chunk)
+                chunks.append(chunk)
             content_type = response.headers.get("Content-Type", "")
         body = b"".join(chunks)
         return {
-            **item,
             "body": body,
             "content_type": content_type.split(";", 1)[0].strip().lower(),
             "http_status": status,
@@ -606,12 +1074,23 @@ async def download(
     try:
         yield fetch
     finally:
+        gate.close()
         if rates is not None:
             rates.close()
+        watchdog.close()
         sessions.close()
 
 
-def _raise_for_status(response: requests.Response, shown: str, max_retry_after: float) -> None:
+def _past_deadline(shown: str, seconds: float) -> TransientError:
+    return TransientError(
+        f"GET {shown} did not finish within {seconds:g}s (deadline); the server is too slow or "
+        "trickles its answer. Raise the stage's timeout (or deadline) if it is only slow"
+    )
+
+
+def _raise_for_status(
+    response: requests.Response, shown: str, max_retry_after: float, gate: _HostGate
+) -> None:
     """Raise the right error for an answer that is not 2xx (redirects are already followed)."""
     status = response.status_code
     said = _status_text(response)
@@ -620,8 +1099,12 @@ def _raise_for_status(response: requests.Response, shown: str, max_retry_after: 
         delay = _retry_after_seconds(raw, time.time())
         if delay is not None:
             delay = min(delay, max_retry_after)
-            raise RetryAfter(
-                delay, f"GET {shown} answered {said} with Retry-After {raw!r}; pausing the stage {delay:g}s"
+            origin = _origin(response.url)
+            gate.pause(origin, delay)
+            log.info("host %s paused for %.1fs by its Retry-After (GET %s)", origin, delay, shown)
+            raise Overloaded(
+                f"GET {shown} answered {said} with Retry-After {raw!r}; pausing host {origin} "
+                f"for {delay:g}s (other hosts go on)"
             )
     if status in (429, 503):
         raise Overloaded(f"GET {shown} answered {said}")  # a loss signal for adaptive limits

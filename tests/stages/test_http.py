@@ -24,16 +24,18 @@ import stages.http
 from pipeline import (
     ConfigError,
     Item,
+    Overloaded,
+    Pipeline,
     Retry,
     RetryAfter,
     Stage,
-    StageTimeout,
     TransientError,
 )
-from pipeline.testing import open_context, run_stages_async
+from pipeline.testing import memory_source, open_context, run_stages_async
 from stages.http import (
     DownloadError,
     _HostCheck,
+    _HostGate,
     _private_reason,
     _redact,
     _retry_after_seconds,
@@ -194,19 +196,36 @@ async def test_error_answer_keeps_the_connection_alive(
     assert http_server.connections == 1
 
 
-@pytest.mark.parametrize(("status", "header", "expected"), [(429, "7", 7.0), (503, "2", 2.0)])
-async def test_retry_after_raises_retry_after_with_its_delay(
-    http_server: LoopbackServer, open_download: OpenDownload, status: int, header: str, expected: float
+@pytest.mark.parametrize(("status", "header"), [(429, "7"), (503, "2")])
+async def test_retry_after_pauses_its_host_not_the_stage(
+    http_server: LoopbackServer, open_download: OpenDownload, status: int, header: str
 ) -> None:
-    """429 or 503 with Retry-After in seconds raises RetryAfter(delay), then the retry succeeds."""
+    """429 or 503 with Retry-After raises Overloaded (not the stage-wide RetryAfter) and pauses
+    that origin: the next call to it, whose deadline ends first, is not sent."""
     url = http_server.add_flaky("/r.jpg", b"ok", failures=1, status=status, retry_after=header)
+    fetch = await open_download(deadline=1.0)
+
+    with pytest.raises(
+        Overloaded, match=rf"pausing host http://127\.0\.0\.1:{http_server.port} for {header}s"
+    ) as info:
+        await call(fetch, url)
+    assert not isinstance(info.value, RetryAfter)
+    assert str(status) in str(info.value)
+
+    with pytest.raises(TransientError, match="is paused for another"):
+        await call(fetch, url)
+    assert http_server.hits("/r.jpg") == 1
+
+
+async def test_retry_after_zero_lets_the_retry_through(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """A Retry-After of 0 pauses nothing: the retry is sent and succeeds."""
+    url = http_server.add_flaky("/r.jpg", b"ok", failures=1, status=429, retry_after="0")
     fetch = await open_download()
 
-    with pytest.raises(RetryAfter) as info:
+    with pytest.raises(Overloaded):
         await call(fetch, url)
-
-    assert info.value.delay == expected
-    assert str(status) in str(info.value)
     assert (await call(fetch, url))["body"] == b"ok"
 
 
@@ -217,10 +236,8 @@ async def test_retry_after_is_capped_by_max_retry_after(
     url = http_server.add_flaky("/r.jpg", b"ok", failures=1, status=429, retry_after="86400")
     fetch = await open_download(max_retry_after=60)
 
-    with pytest.raises(RetryAfter) as info:
+    with pytest.raises(Overloaded, match="for 60s"):
         await call(fetch, url)
-
-    assert info.value.delay == 60.0
 
 
 async def test_429_without_retry_after_is_plain_transient(
@@ -451,6 +468,8 @@ async def test_deny_private_applies_to_each_redirect_target(
     monkeypatch.setattr(
         stages.http, "_resolve", lambda host: ["93.184.216.34"] if host == "localhost" else real(host)
     )
+    # The connected peer (127.0.0.1) would be refused on its own; that check has its own test.
+    monkeypatch.setattr(stages.http._HostCheck, "peer", lambda self, address, host, shown: None)
     http_server.add("/away", status=302, headers={"Location": http_server.url("/a.jpg")})
     http_server.add("/a.jpg", b"x")
     fetch = await open_download(deny_private=True)
@@ -511,7 +530,7 @@ def test_denied_hosts_wildcard_matches_subdomains_only() -> None:
         ("127.0.0.1", "a loopback address"),
         ("127.1.2.3", "a loopback address"),
         ("::1", "a loopback address"),
-        ("::ffff:127.0.0.1", "a loopback address"),
+        ("::ffff:127.0.0.1", "an IPv4-mapped address embedding 127.0.0.1, a loopback address"),
         ("169.254.169.254", "a link-local address (the cloud metadata service)"),
         ("169.254.1.1", "a link-local address"),
         ("fe80::1", "a link-local address"),
@@ -790,12 +809,12 @@ async def test_rate_per_host_paces_each_host_on_its_own(http_server: LoopbackSer
     assert busiest_second([r.at for r in seen]) > most
 
 
-TIMED_OUT = f"{StageTimeout.__module__}.{StageTimeout.__qualname__}"
-"""The ``error_type`` of a dead letter for an attempt that ran past the stage's timeout."""
+RATE_WAIT_TOO_LONG = "pipeline.TransientError"
+"""The ``error_type`` of a dead letter for a request whose rate wait outlasted its deadline."""
 
 
 def abandoned_call_stage(rate: str) -> Stage:
-    """A download stage whose attempts time out after 0.3 s and are not retried."""
+    """A download stage whose attempts time out after 0.3 s (deadline 0.27 s), not retried."""
     return Stage(
         download,
         name="download",
@@ -806,7 +825,7 @@ def abandoned_call_stage(rate: str) -> Stage:
 
 
 async def test_rate_wait_abandoned_by_a_timeout_ends_with_the_stage(http_server: LoopbackServer) -> None:
-    """A thread still waiting for its host's turn when the run ends is released, not left behind."""
+    """A thread waiting for its host's turn gives up at its deadline, before the stage's timeout."""
     first = http_server.add("/first", b"x")
     second = http_server.add("/second", b"x")
     items = [{"id": 1, "url": first}, {"id": 2, "url": second}]
@@ -816,7 +835,8 @@ async def test_rate_wait_abandoned_by_a_timeout_ends_with_the_stage(http_server:
         run = await run_stages_async(items, abandoned_call_stage("1/min"))
 
     assert [item["id"] for item in run.outputs] == [1]
-    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(2, TIMED_OUT)]
+    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(2, RATE_WAIT_TOO_LONG)]
+    assert "deadline passed while it waited" in run.dead_letters[0]["message"]
     assert run.report.abandoned_threads == 0
     assert http_server.hits("/second") == 0
 
@@ -836,5 +856,250 @@ async def test_redirect_hop_waits_for_its_own_host(http_server: LoopbackServer) 
         run = await run_stages_async(items, abandoned_call_stage("1/min"))
 
     assert [item["id"] for item in run.outputs] == [1]
-    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(2, TIMED_OUT)]
+    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(2, RATE_WAIT_TOO_LONG)]
     assert (http_server.hits("/hop"), http_server.hits("/target")) == (1, 0)
+
+
+# -- URLs the parsers disagree on ---------------------------------------------------------
+
+
+async def test_backslash_url_is_refused_before_connecting(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """'http://127.0.0.1:PORT\\@images.example.com/' reads as images.example.com to urllib.parse but
+    requests connects to 127.0.0.1: it is refused for good, and no connection is made."""
+    http_server.add("/img/1.jpg", b"x")
+    fetch = await open_download(allowed_hosts=["images.example.com"])
+    url = f"http://127.0.0.1:{http_server.port}\\@images.example.com/img/1.jpg"
+
+    with pytest.raises(DownloadError, match=r"would connect to host '127\.0\.0\.1'.*fix the URL"):
+        await call(fetch, url)
+
+    assert http_server.connections == 0
+
+
+def test_backslash_url_toward_the_metadata_address_is_refused_by_deny_private() -> None:
+    """The same trick toward 169.254.169.254 is refused by the check, before any connection
+    (the check runs before a request is sent; nothing here opens a socket)."""
+    check = _HostCheck(None, None, deny_private=True, resolve=lambda host: ["93.184.216.34"])
+
+    with pytest.raises(DownloadError, match=r"would connect to host '169\.254\.169\.254'"):
+        check("http://169.254.169.254\\@images.example.com/latest/meta-data/", what="URL")
+
+
+def test_an_internationalised_host_name_is_not_taken_for_ambiguous() -> None:
+    """A non-ASCII host is compared in the IDNA form requests sends, so it passes as itself."""
+    check = _HostCheck(["xn--bcher-kva.example", "xn--fa-hia.de"])
+    assert check.prepare("http://Bücher.example/x.jpg", what="URL") == "http://xn--bcher-kva.example/x.jpg"
+    check("http://faß.de/x", what="URL")
+
+
+def test_host_rules_apply_to_the_host_requests_connects_to() -> None:
+    """Allowed and denied hosts are matched against the host of the URL as requests prepares it."""
+    check = _HostCheck(["127.0.0.1"], ["localhost"])
+    with pytest.raises(DownloadError):
+        check("http://localhost:1\\@127.0.0.1/x.jpg", what="URL")
+    check("http://127.0.0.1:1/%5C@localhost/x.jpg", what="URL")  # the prepared form: host 127.0.0.1
+
+
+# -- a total deadline ---------------------------------------------------------------------
+
+TRICKLE = b"x" * 100
+"""A body trickled one byte every 0.05 s: 5 s in all, far past the 0.5 s deadline of these tests."""
+
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+async def test_a_trickling_server_is_cut_off_at_the_deadline(
+    http_server: LoopbackServer, open_download: OpenDownload, headers: bool
+) -> None:
+    """A server sending a byte every 0.05 s never trips read_timeout (1 s); the deadline (0.5 s)
+    closes the connection from the watchdog, the call raises TransientError naming the deadline
+    on its own thread, and the server sees the connection gone before it sent its answer."""
+    url = http_server.add_trickle("/slow.jpg", TRICKLE, interval=0.05, headers=headers)
+    fetch = await open_download(read_timeout=1.0, deadline=0.5)
+
+    with pytest.raises(TransientError, match=r"did not finish within 0\.5s \(deadline\)"):
+        await call(fetch, url)
+
+    await asyncio.to_thread(http_server.wait_until, lambda: http_server.in_flight == 0)
+    assert http_server.trickled("/slow.jpg") < len(TRICKLE)
+
+
+async def test_the_deadline_defaults_from_the_stage_timeout(http_server: LoopbackServer) -> None:
+    """Run by the engine with timeout = 1 and no deadline option, a trickled body ends in the
+    stage's own deadline error (not the engine's StageTimeout), and its slot is free again:
+    the item after it, on the same single slot, succeeds."""
+    slow = http_server.add_trickle("/slow.jpg", TRICKLE, interval=0.05)
+    ok = http_server.add("/ok.jpg", b"ok")
+    stage = Stage(
+        download,
+        name="download",
+        concurrency=1,
+        timeout=1.0,
+        retry=Retry(attempts=1),
+        options={"trust_env": False, "read_timeout": 1.0},
+    )
+
+    async with asyncio.timeout(30):
+        run = await run_stages_async([{"id": 1, "url": slow}, {"id": 2, "url": ok}], stage)
+
+    assert [item["id"] for item in run.outputs] == [2]
+    assert [(d["key"], d["error_type"]) for d in run.dead_letters] == [(1, "pipeline.TransientError")]
+    assert "(deadline)" in run.dead_letters[0]["message"]
+    assert run.report.abandoned_threads == 0
+
+
+# -- Retry-After pauses the host that asked -----------------------------------------------
+
+
+async def test_retry_after_pauses_only_the_origin_that_asked(http_server: LoopbackServer) -> None:
+    """Host A answers 429 Retry-After: 30; every item on host B (another origin: another port)
+    completes while A is paused, long before the 30 s are over. A's item, whose host stays
+    paused past its attempt's deadline, fails transiently naming the pause."""
+    with LoopbackServer() as other:
+        paused = http_server.add_flaky("/a.jpg", b"a", failures=5, status=429, retry_after="30")
+        b_items = [{"id": f"b{i}", "url": other.add(f"/b{i}.jpg", b"b")} for i in range(8)]
+        stage = Stage(
+            download,
+            name="download",
+            concurrency=2,
+            timeout=5.0,
+            retry=Retry(attempts=2, backoff=0, jitter=0),
+            options={"trust_env": False},
+        )
+
+        async with asyncio.timeout(15):  # the 30 s pause of the whole stage would blow this
+            run = await run_stages_async([{"id": "a", "url": paused}, *b_items], stage)
+
+    assert sorted(item["id"] for item in run.outputs) == sorted(item["id"] for item in b_items)
+    assert [(d["key"], d["attempts"]) for d in run.dead_letters] == [("a", 2)]
+    assert f"host http://127.0.0.1:{http_server.port} is paused" in run.dead_letters[0]["message"]
+    assert http_server.hits("/a.jpg") == 1  # the retry was not sent to the paused host
+
+
+def test_host_gate_holds_one_origin_until_its_pause_ends() -> None:
+    """The per-host gate, on a fake clock: a paused origin waits out a pause that ends before
+    the deadline, fails at once if it does not, and other origins never wait."""
+    now = [100.0]
+    gate = _HostGate(clock=lambda: now[0])
+    gate.pause("http://a:80", 30.0)
+
+    assert gate.delay("http://b:80", deadline=200.0) == 0.0
+    assert gate.delay("http://a:80", deadline=200.0) == 30.0
+    with pytest.raises(TransientError, match=r"host http://a:80 is paused for another 30s"):
+        gate.delay("http://a:80", deadline=110.0)
+    now[0] = 130.0
+    assert gate.delay("http://a:80", deadline=140.0) == 0.0
+
+
+# -- the connected peer is checked --------------------------------------------------------
+
+
+async def test_deny_private_checks_the_address_actually_connected(
+    http_server: LoopbackServer, open_download: OpenDownload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: a name that answers a public address to the check and 127.0.0.1 to the
+    connection is refused once connected, before any request is sent on it."""
+    url = http_server.add("/a.jpg", b"x").replace("127.0.0.1", "rebind.test")
+    real = socket.getaddrinfo
+    answers: list[str] = []
+
+    def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.test":
+            return real(host, port, *args, **kwargs)
+        if not answers:
+            # The first answer is public; it must only ever be checked, never connected to.
+            assert port is None, "the public answer reached a connection"
+            answers.append("93.184.216.34")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))]
+        answers.append("127.0.0.1")
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    fetch = await open_download(deny_private=True)
+
+    with pytest.raises(DownloadError, match=r"connected to '127\.0\.0\.1', a loopback address"):
+        await call(fetch, url)
+
+    assert answers == ["93.184.216.34", "127.0.0.1"]
+    assert http_server.hits("/a.jpg") == 0
+
+
+# -- custom headers stay with their host --------------------------------------------------
+
+
+async def test_custom_headers_are_dropped_on_a_redirect_to_another_host(
+    http_server: LoopbackServer, open_download: OpenDownload
+) -> None:
+    """X-Api-Key goes to the first host and to a same-origin hop, not to a redirect to another
+    host (localhost vs 127.0.0.1), as requests does for Authorization; User-Agent stays."""
+    port = http_server.port
+    http_server.route("/start", Route(status=302, location="/same"))
+    http_server.route("/same", Route(status=302, location=f"http://localhost:{port}/away.jpg"))
+    http_server.add("/away.jpg", b"x")
+    fetch = await open_download(headers={"X-Api-Key": "secret"}, user_agent="thumbs/2")
+
+    await call(fetch, http_server.url("/start"))
+
+    sent = {r.path: r.headers for r in http_server.requests}
+    assert sent["/start"]["X-Api-Key"] == sent["/same"]["X-Api-Key"] == "secret"
+    assert "X-Api-Key" not in sent["/away.jpg"]
+    assert sent["/away.jpg"]["User-Agent"] == "thumbs/2"
+
+
+# -- IPv6 addresses that embed an IPv4 one ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("2002:7f00:1::1", "a 6to4 address embedding 127.0.0.1, a loopback address"),
+        ("2002:a00:1::", "a 6to4 address embedding 10.0.0.1, a private address"),
+        ("2002:a9fe:a9fe::", "a 6to4 address embedding 169.254.169.254, a link-local address"),
+        ("64:ff9b::7f00:1", "a NAT64 address embedding 127.0.0.1, a loopback address"),
+        ("64:ff9b::a9fe:a9fe", "a NAT64 address embedding 169.254.169.254, a link-local address"),
+        ("64:ff9b:1::a00:1", "a local-use NAT64 address"),
+        ("::ffff:10.0.0.1", "an IPv4-mapped address embedding 10.0.0.1, a private address"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "a Teredo address"),
+        ("2002:5db8:d822::1", None),  # 6to4 of 93.184.216.34: public
+        ("64:ff9b::5db8:d822", None),  # NAT64 of 93.184.216.34: public
+    ],
+)
+def test_deny_private_sees_ipv4_inside_ipv6(address: str, reason: str | None) -> None:
+    """6to4, NAT64 and IPv4-mapped addresses are judged by the IPv4 address they embed;
+    local-use NAT64 and Teredo are refused outright."""
+    got = _private_reason(ipaddress.ip_address(address))
+    assert got == reason if reason is None else (got or "").startswith(reason)
+
+
+# -- the memory budget --------------------------------------------------------------------
+
+
+async def test_downloads_in_flight_count_max_bytes_against_the_memory_budget(
+    http_server: LoopbackServer,
+) -> None:
+    """With memory_budget = 2.5 x max_bytes, each download in flight is charged max_bytes
+    (its worst case), so at most 2 run at once although the stage has 4 slots."""
+    max_bytes = 1_000_000
+    urls = [http_server.add(f"/{i}.jpg", b"x" * 100) for i in range(12)]
+    stage = Stage(
+        download,
+        name="download",
+        concurrency=4,
+        retry=Retry(attempts=1),
+        options={"trust_env": False, "max_bytes": max_bytes},
+    )
+    pipeline = Pipeline(
+        source=memory_source([{"id": i, "url": url} for i, url in enumerate(urls)]),
+        stages=[stage],
+        report_dir=None,
+        ledger=False,
+        memory_budget=int(2.5 * max_bytes),
+    )
+
+    async with asyncio.timeout(30):
+        report = await pipeline.run_async(progress=False)
+
+    assert report.items.ok == 12
+    assert max_bytes <= report.memory["peak_charged_bytes"] <= 2.5 * max_bytes
+    assert http_server.max_in_flight <= 2
