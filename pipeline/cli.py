@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``.
+"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``, ``stages``.
 
 A public module: ``pipeline.cli.main(argv)`` is the command itself, for programs that wrap it
 (``python -m stages.demo`` does). It loads and runs pipelines through the public API
@@ -64,9 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config", type=Path, help="the pipeline's config.toml")
     from ._tune import add_arguments as add_tune_arguments
 
-    add_tune_arguments(
-        sub.add_parser("tune", help="measure each cap on a sample and recommend one (--write to save it)")
-    )
+    tune = sub.add_parser("tune", help="measure each cap on a sample and recommend one (--write to save it)")
+    add_tune_arguments(tune)
     dead = sub.add_parser("deadletters", help="list a run's failures, grouped by stage and reason")
     dead.add_argument("config", type=Path, help="the pipeline's config.toml")
     dead.add_argument("--run-id", metavar="ID", help="the run (default: the latest with failures)")
@@ -75,7 +74,29 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--run-id", metavar="ID", required=True, help="the run whose failures to replay")
     retry.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here")
     retry.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    for logged in (run, retry, tune):
+        logged.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default="text",
+            help="log lines on stderr: text (default), or one JSON object a line, for log collectors",
+        )
+    stages = sub.add_parser(
+        "stages", help="list the built-in stages (or MODULE's): kind, options and defaults, summary"
+    )
+    stages.add_argument("module", nargs="?", metavar="MODULE", help="e.g. stages.image or my_stages")
     return parser
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from ._logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _deadletters(pipeline: Any, run_id: str | None) -> int:
@@ -106,14 +127,20 @@ def _deadletters(pipeline: Any, run_id: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script and ``python -m pipeline``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(getattr(args, "log_format", "text"))
+    if args.command == "stages":
+        from ._listing import main as list_stages
+
+        return list_stages(args.module)
     if args.command == "tune":
         from ._tune import main as tune
 
         return tune(args)
     from . import ConfigError, PipelineError, load_config, run
+    from ._logs import notice
+
+    if getattr(args, "log_format", "text") == "json" and args.progress is None:
+        args.progress = False  # a live table would interleave with the JSON lines
 
     try:
         pipeline = load_config(args.config)
@@ -128,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit must be >= 0, got {limit}")
     except ConfigError as exc:
         where = "" if exc.file else f"{args.config}: "
-        print(f"config error: {where}{exc}", file=sys.stderr)
+        notice(f"config error: {where}{exc}", logging.ERROR)
         return EXIT_USAGE
 
     from ._progress import print_summary
@@ -146,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as exc:
         where = "" if exc.file else f"{args.config}: "
-        print(f"config error: {where}{exc}", file=sys.stderr)
+        notice(f"config error: {where}{exc}", logging.ERROR)
         return EXIT_USAGE
     except PipelineError as exc:
-        print(f"run failed: {exc}", file=sys.stderr)
+        notice(f"run failed: {exc}", logging.ERROR)
         report = getattr(exc, "report", None)
     except Exception as exc:
         logging.getLogger("pipeline").exception(
@@ -165,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_textfile(report, metrics)
     if pipeline.report_dir is not None:
-        print(f"report: {pipeline.report_dir / report.run_id / 'report.json'}", file=sys.stderr)
+        notice(f"report: {pipeline.report_dir / report.run_id / 'report.json'}", run_id=report.run_id)
     if report.abandoned_threads:
         # The interpreter would join the stuck threads at exit, forever: leave without them.
         sys.stdout.flush()
