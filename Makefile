@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV)
 	@: >$(PIP_LOG)
 	@$(call pip,install --upgrade pip)
-	@$(call pip,install -e .[dev])
+	@$(call pip,install -e '.[dev]')
 	@touch $@
 
 # bench: the peers the benchmark compares the engine with.
 $(BENCH_STAMP): $(STAMP)
 	@echo "installing the benchmark's peers into $(VENV) (once)"
-	@$(call pip,install -e .[dev,bench])
+	@$(call pip,install -e '.[dev,bench]')
 	@touch $@
 
 # The nightly image batch from config.toml, on the embedded SQLite catalog with demo images served
