@@ -272,6 +272,8 @@ def origin(directory: Path, count: int) -> Iterator[Origin]:
 def _peer(module: str) -> str:
     try:
         __import__(module)
+    except ModuleNotFoundError:
+        return f"{module} is not installed: `make bench` installs it (pip install 'pipeline[bench]')"
     except Exception as exc:
         return f"{module} does not import: {type(exc).__name__}: {exc}"
     return ""

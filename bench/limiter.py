@@ -38,7 +38,13 @@ async def _contended(limiter: Any, n: int, tasks: int = 8) -> float:
 
 def measure(n: int = 200_000, reps: int = 3) -> dict[str, dict[str, float]]:
     """Microseconds per acquire/release pair, the best of ``reps``, for each limiter and case."""
-    import anyio
+    try:
+        import anyio
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "bench: the limiter section compares with anyio, which is not installed: "
+            "`make bench` installs it (pip install 'pipeline[bench]')"
+        ) from None
 
     makers: dict[str, Callable[[], Any]] = {
         "pipeline.CapacityLimiter": lambda: CapacityLimiter(4),

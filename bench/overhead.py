@@ -153,6 +153,8 @@ def _peer(module: str) -> str:
     """Why a peer cannot run, or ``""`` when it imports."""
     try:
         __import__(module)
+    except ModuleNotFoundError:
+        return f"{module} is not installed: `make bench` installs it (pip install 'pipeline[bench]')"
     except Exception as exc:  # a peer that does not import on this Python: record it, go on
         return f"{module} does not import: {type(exc).__name__}: {exc}"
     return ""

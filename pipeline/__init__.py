@@ -4,6 +4,7 @@ The engine's modules, bottom up; each imports only modules above it in this list
 checks it with import-linter)::
 
     _exceptions   the error hierarchy, plus Skip / TransientError / RetryAfter that stages raise
+    _logs         the run's log context (its id) and the JSON log format
     _limiter      CapacityLimiter: a resizable cap, the one primitive every limit is built on
     _budget       the memory budget: items weighed by the bytes they hold, admission held
     _contract     the stage contract: Item, Context, DatabaseHandle, @factory, @cpu_bound
@@ -25,6 +26,7 @@ checks it with import-linter)::
     _deadletters  a run's dead letters, grouped
     _metrics      the report as Prometheus metrics
     _tune         `pipeline tune`: measure each cap
+    _listing      `pipeline stages`: a module's stages, their kinds and options
     testing       helpers for testing a custom stage (public)
     cli           the `pipeline` command (public: ``pipeline.cli.main(argv)``)
 

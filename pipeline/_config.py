@@ -12,12 +12,15 @@ the bad value and the fix, before anything runs. The shape::
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from pydantic import (
@@ -34,7 +37,7 @@ from ._definition import Database, LedgerStore, Retry, Source, Stage
 from ._exceptions import ConfigError
 from ._pipeline import Pipeline
 
-__all__ = ["load_config"]
+__all__ = ["load_config", "public_callables"]
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _TABLES = ("pipeline", "databases", "source", "stages")
@@ -208,13 +211,38 @@ def _import(use: str, *, file: str, location: str) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError:
+            names = [name for name, _ in public_callables(module)] if obj is module else []
+            close = difflib.get_close_matches(attr, names, n=1)
+            hint = f". Did you mean {close[0]!r}?" if close else ""
+            has = f" It has: {', '.join(names)}" if names else ""
             raise ConfigError(
                 f"module {module_name!r} has no attribute {attr!r} (named by {use!r}); "
-                "check the spelling after the colon",
+                f"check the spelling after the colon{hint}{has}",
                 file=file,
                 location=location,
             ) from None
     return obj
+
+
+def public_callables(module: ModuleType) -> list[tuple[str, Any]]:
+    """A module's public functions (its ``__all__``, else what it defines without a leading
+    underscore), sorted by name: what a config's ``use`` can name. Classes and type aliases
+    are left out."""
+    names = getattr(module, "__all__", None)
+    if names is None:
+        names = [
+            n
+            for n, obj in vars(module).items()
+            if not n.startswith("_") and getattr(obj, "__module__", None) == module.__name__
+        ]
+    out = []
+    for name in sorted(names):
+        obj = getattr(module, name, None)
+        if obj is None or isinstance(obj, type) or not callable(obj):
+            continue
+        if inspect.isroutine(obj) or type(obj).__module__ not in ("typing", "typing_extensions"):
+            out.append((name, obj))
+    return out
 
 
 def _callable(use: str, *, file: str, location: str) -> Callable[..., Any]:

@@ -10,6 +10,7 @@ so a bad definition fails before any item runs. Running one is :mod:`._run`'s bu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -163,8 +164,10 @@ def validate_options(
     for name in options:
         if name not in fields and not var_kw:
             engine = f"; the engine's own keys are {', '.join(sorted(engine_keys))}" if engine_keys else ""
+            close = difflib.get_close_matches(name, [*fields, *engine_keys], n=1)
+            hint = f": did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown key {name!r}: {describe(fn)} accepts {accepted}{engine}. Check the spelling",
+                f"unknown key {name!r}: {describe(fn)} accepts {accepted}{engine}. Check the spelling{hint}",
                 location=name,
             )
     required = [n for n, (_, d) in fields.items() if d is ... and n not in options]

@@ -170,8 +170,17 @@ def render_html(
     report: Mapping[str, Any], timeline: Mapping[str, Any] | None, dead_letters: Sequence[Mapping[str, Any]]
 ) -> str:
     """The page for one run: ``report`` as in report.json, ``timeline`` as in timeline.json (or
-    ``None``), ``dead_letters`` the records of dead_letters.jsonl."""
-    import matplotlib
+    ``None``), ``dead_letters`` the records of dead_letters.jsonl.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed (the ``plot`` extra), with the fix.
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "report.html needs matplotlib: pip install 'pipeline[plot]' (make install does)"
+        ) from exc
 
     # text.parse_math off: a stage name with "$" in it is a name, not a formula to parse.
     # svg.fonttype none: text stays text (small, searchable), drawn in the page's fonts.

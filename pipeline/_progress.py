@@ -138,10 +138,26 @@ async def _refresh(live: Any, snapshot: Callable[[], RunSnapshot]) -> None:
         live.update(_table(snapshot()))
 
 
+def _figures(snap: RunSnapshot) -> dict[str, Any]:
+    """A progress line's figures, as fields of its log record (``--log-format json`` shows them)."""
+    return {
+        "read": snap.read,
+        "done": snap.done,
+        "failed": snap.failed,
+        "in_flight": snap.in_flight,
+        "rate": round(snap.rate, 2),
+        "elapsed_s": round(snap.elapsed_s, 3),
+        "stages": [
+            {"name": s.name, "in_flight": s.in_flight, "cap": s.cap, "queued": s.queued} for s in snap.stages
+        ],
+    }
+
+
 async def _log_periodically(snapshot: Callable[[], RunSnapshot], interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        log.info("%s", _log_line(snapshot()))
+        snap = snapshot()
+        log.info("%s", _log_line(snap), extra={"progress": _figures(snap)})
 
 
 def print_summary(report: RunReport, console: Console | None = None) -> None:

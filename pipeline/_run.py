@@ -41,6 +41,7 @@ from ._feed import Feeder
 from ._html import REPORT_HTML, TIMELINE_JSON, describe_settings, write_report_html
 from ._ledger import BufferedLedger, RunLedger, open_sqlite_ledger
 from ._limiter import CapacityLimiter
+from ._logs import run_id_context
 from ._progress import RunSnapshot, open_progress
 from ._report import DeadLetterWriter, ItemCounts, RunReport, find_bottleneck, utc_now
 from ._stage import StageRun
@@ -97,7 +98,8 @@ async def run_async(
         retry_failed=retry_failed,
         only_failed=only_failed,
     )
-    return await runner.run(handle_signals=handle_signals)
+    with run_id_context(runner.run_id):  # the run's log records carry its id
+        return await runner.run(handle_signals=handle_signals)
 
 
 def run(pipeline: PipelineDefinition, **kwargs: Any) -> RunReport:

@@ -13,6 +13,10 @@ no writes, no rows) and run on the first ``limit`` items once per candidate cap:
   longer than calls take (> 25% apart), items queue somewhere the stage's latency does not show:
   the thread pool, the event loop, a connection pool. That is *hidden queueing*.
 
+A step where most attempts fail measures nothing: the origin is down, the URL base or the
+credentials are wrong. Tune stops there (:class:`TuneFailed`, exit 1) with the first errors and
+their likely cause, rather than spend every item's retries on each cap of the sweep.
+
 The recommendation is the smallest cap reaching 95% of the peak throughput among the steps
 within the latency and error limits. :func:`write_recommendation` puts it into the TOML file
 with tomlkit, leaving comments and layout alone.
@@ -25,8 +29,11 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
+import re
 import resource
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -34,18 +41,106 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._contract import Context, is_factory, stage_kind
+from ._contract import Context, is_factory, stage_kind, workload
 from ._definition import Stage
-from ._exceptions import ConfigError, Overloaded
+from ._exceptions import ConfigError, Overloaded, PipelineError
+from ._logs import notice
 from ._pipeline import Pipeline
+from ._report import RunReport
 
-__all__ = ["TuneResult", "TuneStep", "add_arguments", "main", "tune", "write_recommendation"]
+__all__ = [
+    "TuneFailed",
+    "TuneResult",
+    "TuneStep",
+    "add_arguments",
+    "main",
+    "tune",
+    "write_recommendation",
+]
 
 LITTLE_TOLERANCE = 0.25
 """Relative mismatch between throughput x latency and the measured in-flight count that is
 flagged as hidden queueing."""
 
 _TICK = 0.01
+
+FAIL_FAST_ATTEMPTS = 5
+"""A step stops as soon as this many attempts have been made and more than half failed."""
+
+_FIRST_ERRORS = 3
+
+
+class TuneFailed(PipelineError):
+    """A tuning step where most attempts failed: there is no cap to measure until the cause is fixed.
+
+    Attributes:
+        stage: The stage whose attempts failed.
+        concurrency: Its cap in that step (``None``: the run at the configured caps that finds
+            the bottleneck).
+        attempts: Attempts made before the step stopped.
+        failed: How many of them failed.
+        errors: The first distinct errors, as ``Type: message``.
+    """
+
+    def __init__(
+        self, stage: str, concurrency: int | None, attempts: int, failed: int, errors: Sequence[BaseException]
+    ) -> None:
+        self.stage, self.concurrency, self.attempts, self.failed = stage, concurrency, attempts, failed
+        self.errors = [f"{type(e).__name__}: {e}" for e in errors]
+        where = (
+            f"at concurrency {concurrency}"
+            if concurrency is not None
+            else "in the run at the configured caps that finds the bottleneck"
+        )
+        cause = next(filter(None, map(diagnose, errors)), None)
+        first = "".join(f"\n  {e}" for e in self.errors)
+        super().__init__(
+            f"stopped: {failed} of {attempts} attempts of stage {stage!r} failed {where}."
+            f"{f' Likely cause: {cause}' if cause else ''}\nFirst errors:{first}\n"
+            "A cap cannot be measured while most attempts fail: fix the cause, then tune again."
+        )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and exceptions among their args (requests wraps so)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 20:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
+    return seen
+
+
+_URL_HOST = re.compile(r"[a-z][a-z0-9+.-]*://(?:[^@/\s]*@)?(\[[0-9a-fA-F:.]+\]|[^/\s:'\")]+)(:\d+)?")
+_HOST_PORT = re.compile(r"host='([^']+)', port=(\d+)")
+
+
+def diagnose(exc: BaseException) -> str | None:
+    """The likely cause of a failed attempt, from the OS error at the bottom of its chain:
+    ``connection refused to 127.0.0.1:43269: is the origin up?``; ``None`` if none is known."""
+    chain = _chain(exc)
+    text = " ".join(str(e) for e in chain)
+    found = _URL_HOST.search(text)
+    if found:
+        to = f" to {found.group(1)}{found.group(2) or ''}"
+    else:
+        pair = _HOST_PORT.search(text)
+        to = f" to {pair.group(1)}:{pair.group(2)}" if pair else ""
+    for e in chain:
+        if isinstance(e, ConnectionRefusedError):
+            return f"connection refused{to}: is the origin up?"
+        if isinstance(e, socket.gaierror):
+            return f"the host name{to.replace(' to', ' in', 1)} does not resolve: check the URL and DNS"
+        if isinstance(e, ConnectionResetError):
+            return f"connection reset{to}: the origin or a proxy closes connections"
+        if isinstance(e, PermissionError):
+            return f"permission denied ({e}): check the paths and the user the job runs as"
+        if isinstance(e, TimeoutError) and not isinstance(e, PipelineError):
+            return f"timed out{to}: is the origin reachable, and not overloaded?"
+    return None
 
 
 @dataclass(frozen=True)
@@ -111,15 +206,23 @@ class TuneResult:
 
 
 class _Probe:
-    """Counts and times attempts inside the stage callable, and samples its limiter."""
+    """Counts and times attempts inside the stage callable, and samples its limiter.
 
-    def __init__(self) -> None:
+    Once most of at least :data:`FAIL_FAST_ATTEMPTS` attempts have failed it sets ``failing``
+    (from whichever thread made the attempt), so the step can stop.
+    """
+
+    def __init__(self, stage: str = "", concurrency: int | None = None) -> None:
+        self.stage, self.concurrency = stage, concurrency
         self.lock = threading.Lock()
         self.attempts = 0
         self.errors = 0
         self.overloaded = 0
         self.call_s = 0.0
         self.limiter: Any = None
+        self.first_errors: list[BaseException] = []
+        self.failing = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
 
     def record(self, seconds: float, error: BaseException | None) -> None:
         with self.lock:
@@ -129,6 +232,22 @@ class _Probe:
                 self.errors += 1
                 if isinstance(error, Overloaded):
                     self.overloaded += 1
+                if len(self.first_errors) < _FIRST_ERRORS and not any(
+                    type(e) is type(error) and str(e) == str(error) for e in self.first_errors
+                ):
+                    self.first_errors.append(error)
+            failing = self.mostly_failing(FAIL_FAST_ATTEMPTS)
+        if failing and not self.failing.is_set():
+            self._loop.call_soon_threadsafe(self.failing.set)
+
+    def mostly_failing(self, at_least: int = 1) -> bool:
+        """Whether at least ``at_least`` attempts were made and more than half of them failed."""
+        return self.attempts >= at_least and 2 * self.errors > self.attempts
+
+    def failed(self) -> TuneFailed:
+        """The error that stops the tune, from what this probe saw."""
+        with self.lock:
+            return TuneFailed(self.stage, self.concurrency, self.attempts, self.errors, self.first_errors)
 
 
 def _instrument(fn: Callable[..., Any], probe: _Probe) -> Callable[..., Any]:
@@ -145,6 +264,8 @@ def _instrument(fn: Callable[..., Any], probe: _Probe) -> Callable[..., Any]:
             yield _timed(inner, probe)
 
     open_stage.__name__ = getattr(fn, "__name__", "stage")
+    if workload(fn) == "cpu":
+        open_stage.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
     open_stage.__pipeline_factory__ = True  # type: ignore[attr-defined]
     return open_stage
 
@@ -205,10 +326,34 @@ async def _ticker(probe: _Probe, lags: list[float], in_flight: list[int], rss: l
             rss.append(_rss_mb())
 
 
+async def _watched(pipeline: Pipeline, probes: Sequence[_Probe], **run: Any) -> RunReport:
+    """Run ``pipeline``; stop it and raise :class:`TuneFailed` as soon as one probe's stage is
+    mostly failing, or when it ended so (a sample too small to stop early)."""
+    task = asyncio.create_task(pipeline.run_async(progress=False, **run), name="pipeline-tune-run")
+    watches = [asyncio.create_task(p.failing.wait()) for p in probes]
+    try:
+        await asyncio.wait([task, *watches], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in watches:
+            w.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, PipelineError):
+            await task
+    for p in probes:
+        if p.mostly_failing():
+            raise p.failed()
+    return task.result()
+
+
 async def measure(pipeline: Pipeline, index: int, concurrency: int, limit: int) -> TuneStep:
-    """Run ``pipeline`` cut after stage ``index``, that stage at ``concurrency``, on ``limit`` items."""
+    """Run ``pipeline`` cut after stage ``index``, that stage at ``concurrency``, on ``limit`` items.
+
+    Raises:
+        TuneFailed: Most of the stage's attempts failed.
+    """
     spec = pipeline.stages[index]
-    probe = _Probe()
+    probe = _Probe(spec.name, concurrency)
     stage = dataclasses.replace(spec, fn=_instrument(spec.fn, probe), concurrency=concurrency, name=spec.name)
     cut = dataclasses.replace(pipeline, stages=(*pipeline.stages[:index], stage), report_dir=None)
     lags: list[float] = []
@@ -216,7 +361,7 @@ async def measure(pipeline: Pipeline, index: int, concurrency: int, limit: int) 
     rss: list[float] = [_rss_mb()]
     ticker = asyncio.create_task(_ticker(probe, lags, in_flight, rss), name="pipeline-tune-ticker")
     try:
-        report = await cut.run_async(limit=limit, progress=False, run_id=f"tune-{spec.name}-{concurrency}")
+        report = await _watched(cut, [probe], limit=limit, run_id=f"tune-{spec.name}-{concurrency}")
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -306,7 +451,12 @@ async def tune(
         raise ConfigError(f"--limit must be >= 1 for tune, got {limit!r}")
     index = _stage_index(pipeline, stage)
     if index is None:
-        first = await dataclasses.replace(pipeline, report_dir=None).run_async(limit=limit, progress=False)
+        probes = [_Probe(s.name) for s in pipeline.stages]
+        pairs = zip(pipeline.stages, probes, strict=True)
+        watched = [dataclasses.replace(s, fn=_instrument(s.fn, p)) for s, p in pairs]
+        first = await _watched(
+            dataclasses.replace(pipeline, stages=watched, report_dir=None), probes, limit=limit
+        )
         name = (first.bottleneck or {}).get("stage", pipeline.stages[-1].name)
         index = [s.name for s in pipeline.stages].index(name)
     spec: Stage = pipeline.stages[index]
@@ -416,8 +566,24 @@ def print_result(result: TuneResult, console: Any = None) -> None:
     console.print(f"recommended concurrency for {result.stage!r}: {result.recommended} ({result.reason})")
 
 
+PLOT_EXTRA = "tune --plot needs matplotlib: pip install 'pipeline[plot]'"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the ``plot`` extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_plot(results: Sequence[TuneResult], path: Path) -> None:
-    """Write a PNG of throughput and p50/p99 latency against the cap, one panel per stage."""
+    """Write a PNG of throughput and p50/p99 latency against the cap, one panel per stage.
+
+    Raises:
+        ConfigError: matplotlib (the ``plot`` extra) is not installed.
+    """
+    if not can_plot():
+        raise ConfigError(PLOT_EXTRA)
     import matplotlib  # deferred: only `tune --plot` pays for it
 
     matplotlib.use("Agg")
@@ -487,7 +653,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     """``pipeline tune CONFIG [--stage S] [--limit N] [--write] [--plot PATH]``; returns the exit code."""
-    import sys
 
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="pipeline tune", description=__doc__.split("\n\n")[0])
@@ -495,6 +660,9 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         args = parser.parse_args(args)
     from ._config import load_config
 
+    if args.plot is not None and not can_plot():
+        notice(f"config error: {PLOT_EXTRA}", logging.ERROR)
+        return 2
     try:
         pipeline = load_config(args.config)
         result = asyncio.run(
@@ -507,16 +675,22 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             )
         )
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        notice(f"config error: {exc}", logging.ERROR)
         return 2
+    except TuneFailed as exc:
+        notice(f"tune {exc}", logging.ERROR)
+        return 1
     print_result(result)
     plot = args.plot
     if plot is None and pipeline.report_dir is not None:
-        plot = pipeline.report_dir / f"tune-{result.stage}.png"
+        if can_plot():
+            plot = pipeline.report_dir / f"tune-{result.stage}.png"
+        else:
+            notice(f"no plot written: {PLOT_EXTRA}", logging.WARNING)
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         write_plot([result], plot)
-        print(f"plot: {plot}", file=sys.stderr)
+        notice(f"plot: {plot}")
     if args.write:
         write_recommendation(args.config, {result.stage_index: result.recommended})
         print(f"wrote stages[{result.stage_index}].concurrency = {result.recommended} to {args.config}")

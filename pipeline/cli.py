@@ -1,4 +1,5 @@
-"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``, ``report``.
+"""The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``, ``report``,
+``stages``.
 
 A public module: ``pipeline.cli.main(argv)`` is the command itself, for programs that wrap it
 (``python -m stages.demo`` does). It loads and runs pipelines through the public API
@@ -64,9 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config", type=Path, help="the pipeline's config.toml")
     from ._tune import add_arguments as add_tune_arguments
 
-    add_tune_arguments(
-        sub.add_parser("tune", help="measure each cap on a sample and recommend one (--write to save it)")
-    )
+    tune = sub.add_parser("tune", help="measure each cap on a sample and recommend one (--write to save it)")
+    add_tune_arguments(tune)
     dead = sub.add_parser("deadletters", help="list a run's failures, grouped by stage and reason")
     dead.add_argument("config", type=Path, help="the pipeline's config.toml")
     dead.add_argument("--run-id", metavar="ID", help="the run (default: the latest with failures)")
@@ -77,7 +77,29 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     page = sub.add_parser("report", help="rebuild a run's report.html from the files in its run directory")
     page.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's directory: report_dir/<run id>")
+    for logged in (run, retry, tune):
+        logged.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default="text",
+            help="log lines on stderr: text (default), or one JSON object a line, for log collectors",
+        )
+    stages = sub.add_parser(
+        "stages", help="list the built-in stages (or MODULE's): kind, options and defaults, summary"
+    )
+    stages.add_argument("module", nargs="?", metavar="MODULE", help="e.g. stages.image or my_stages")
     return parser
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from ._logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _deadletters(pipeline: Any, run_id: str | None) -> int:
@@ -123,9 +145,11 @@ def _report_page(run_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script and ``python -m pipeline``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(getattr(args, "log_format", "text"))
+    if args.command == "stages":
+        from ._listing import main as list_stages
+
+        return list_stages(args.module)
     if args.command == "tune":
         from ._tune import main as tune
 
@@ -133,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report_page(args.run_dir)
     from . import ConfigError, PipelineError, load_config, run
+    from ._logs import notice
+
+    if getattr(args, "log_format", "text") == "json" and args.progress is None:
+        args.progress = False  # a live table would interleave with the JSON lines
 
     try:
         pipeline = load_config(args.config)
@@ -147,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit must be >= 0, got {limit}")
     except ConfigError as exc:
         where = "" if exc.file else f"{args.config}: "
-        print(f"config error: {where}{exc}", file=sys.stderr)
+        notice(f"config error: {where}{exc}", logging.ERROR)
         return EXIT_USAGE
 
     from ._progress import print_summary
@@ -165,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as exc:
         where = "" if exc.file else f"{args.config}: "
-        print(f"config error: {where}{exc}", file=sys.stderr)
+        notice(f"config error: {where}{exc}", logging.ERROR)
         return EXIT_USAGE
     except PipelineError as exc:
-        print(f"run failed: {exc}", file=sys.stderr)
+        notice(f"run failed: {exc}", logging.ERROR)
         report = getattr(exc, "report", None)
     except Exception as exc:
         logging.getLogger("pipeline").exception(
@@ -186,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if pipeline.report_dir is not None:
         run_dir = pipeline.report_dir / report.run_id
         page = run_dir / "report.html"  # absent only when it could not be made (logged above)
-        print(f"report: {page if page.exists() else run_dir / 'report.json'}", file=sys.stderr)
+        notice(f"report: {page if page.exists() else run_dir / 'report.json'}", run_id=report.run_id)
     if report.abandoned_threads:
         # The interpreter would join the stuck threads at exit, forever: leave without them.
         sys.stdout.flush()

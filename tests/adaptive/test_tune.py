@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline import load_config
-from pipeline._tune import main, tune, write_recommendation
+from pipeline import TransientError, _tune, load_config
+from pipeline._tune import FAIL_FAST_ATTEMPTS, TuneFailed, diagnose, main, tune, write_recommendation
+from stages import demo
 
 from . import tune_helpers
 from .servers import KneeServer
+
+REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = """\
 # Tune test pipeline.
@@ -125,3 +131,118 @@ def test_main_refuses_an_unknown_stage(config: Path, capsys: pytest.CaptureFixtu
     """An unknown --stage is a config error (exit 2) naming the stages."""
     assert main([str(config), "--stage", "nope"]) == 2
     assert "['fetch', 'record']" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Failing fast: a tuning step where most attempts fail stops and says why.
+
+REFUSED = """\
+[pipeline]
+name = "tune-refused"
+report_dir = "{runs}"
+
+[source]
+use = "tests.adaptive.tune_helpers:requests_to"
+url = "http://127.0.0.1:{port}/a.jpg"
+n = 200
+
+[[stages]]
+name = "download"
+use = "{use}"
+concurrency = 1
+retry = {{ attempts = 4, backoff = 0.0, jitter = 0.0 }}
+"""
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on: every connection to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def refused_config(tmp_path: Path, closed_port: int) -> Callable[[str], Path]:
+    def write(use: str) -> Path:
+        path = tmp_path / "refused.toml"
+        path.write_text(REFUSED.format(runs=tmp_path / "runs", port=closed_port, use=use))
+        return path
+
+    return write
+
+
+async def test_tune_stops_when_every_attempt_is_refused(
+    refused_config: Callable[[str], Path], closed_port: int
+) -> None:
+    """Against an origin that refuses connections, the first step stops after a handful of
+    attempts (not 200 items x 4 attempts) and names the cause and the first errors."""
+    pipeline = load_config(refused_config("stages.http:download"))
+    with pytest.raises(TuneFailed) as caught:
+        await tune(pipeline, stage="download", limit=200, max_concurrency=8)
+    failed = caught.value
+    assert (failed.stage, failed.concurrency) == ("download", 1)
+    assert FAIL_FAST_ATTEMPTS <= failed.attempts < 100
+    assert failed.failed == failed.attempts
+    assert f"connection refused to 127.0.0.1:{closed_port}: is the origin up?" in str(failed)
+    assert failed.errors
+    assert all(e.startswith("TransientError: GET http://127.0.0.1:") for e in failed.errors)
+    assert failed.errors[0] in str(failed)
+
+
+async def test_tune_stops_in_the_run_that_finds_the_bottleneck(
+    refused_config: Callable[[str], Path], closed_port: int
+) -> None:
+    """Without --stage, the run at the configured caps that picks the stage stops early too."""
+    pipeline = load_config(refused_config("tests.adaptive.servers:fetch"))
+    with pytest.raises(TuneFailed) as caught:
+        await tune(pipeline, limit=200)
+    assert caught.value.concurrency is None
+    assert caught.value.attempts < 100
+    assert f"connection refused to 127.0.0.1:{closed_port}: is the origin up?" in str(caught.value)
+
+
+def test_main_exits_1_naming_the_refused_origin(
+    refused_config: Callable[[str], Path], closed_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pipeline tune`` on a refusing origin exits 1 with the cause and prints no recommendation."""
+    assert main([str(refused_config("stages.http:download")), "--stage", "download"]) == 1
+    out, err = capsys.readouterr()
+    assert "recommended" not in out
+    assert "tune stopped: " in err
+    assert f"Likely cause: connection refused to 127.0.0.1:{closed_port}: is the origin up?" in err
+    assert "First errors:" in err
+
+
+def test_diagnose_reads_the_os_error_under_the_stage_error() -> None:
+    """The cause comes from the OS error at the bottom of the chain, the address from the URL."""
+    error = TransientError("GET http://origin.test:8080/1.jpg lost the connection")
+    error.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert diagnose(error) == "connection refused to origin.test:8080: is the origin up?"
+    assert diagnose(ValueError("odd item 3")) is None
+
+
+def test_main_without_matplotlib_names_the_extra(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tune --plot`` without matplotlib is a usage error (exit 2) naming the extra to install."""
+    monkeypatch.setattr(_tune, "can_plot", lambda: False)
+    assert main([str(config), "--stage", "fetch", "--plot", str(tmp_path / "t.png")]) == 2
+    assert "tune --plot needs matplotlib: pip install 'pipeline[plot]'" in capsys.readouterr().err
+
+
+def test_demo_tune_serves_the_demo_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m stages.demo tune`` seeds the catalog, serves the images while it tunes, and
+    recommends a cap (exit 0) on the shipped config."""
+    shutil.copy(REPO / "config.toml", tmp_path / "config.toml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = demo.main(["tune", "config.toml", "--stage", "download", "--max", "2", "--limit", "8"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "images served from http://127.0.0.1:" in err
+    assert "recommended concurrency for 'download':" in out
+    assert not (tmp_path / "var" / "thumbnails").exists()  # cut after download: nothing written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,84 @@ def test_an_unwritable_report_dir_or_ledger_is_a_config_error(
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "ran").exists()
     assert not (tmp_path / "runs").exists()
+
+
+JSON_STAGES = '''
+"""A stage that holds its item until the run has logged a progress line."""
+import logging
+import threading
+
+PROGRESS = threading.Event()
+
+
+class _Progress(logging.Handler):
+    def emit(self, record):
+        if getattr(record, "progress", None):
+            PROGRESS.set()
+
+
+logging.getLogger("pipeline").addHandler(_Progress())
+
+
+def rows(count: int = 3):
+    yield from ({"id": i} for i in range(count))
+
+
+def hold(item):
+    if not PROGRESS.wait(30):
+        raise RuntimeError("no progress line was logged")
+    return item
+'''
+
+JSON_CONFIG = """
+[pipeline]
+name = "json"
+report_dir = "runs"
+progress_interval = 0.01
+
+[source]
+use = "json_stages:rows"
+
+[[stages]]
+use = "json_stages:hold"
+concurrency = 2
+"""
+
+
+def test_log_format_json_writes_one_object_a_line(tmp_path: Path) -> None:
+    """``run --log-format json --no-progress``: every stderr line is a JSON object with the time
+    (ISO 8601 UTC), level, run id and message; progress lines carry the snapshot's figures."""
+    (tmp_path / "json_stages.py").write_text(JSON_STAGES)
+    (tmp_path / "config.toml").write_text(JSON_CONFIG)
+    proc = run_cli(
+        "run", "config.toml", "--run-id", "j1", "--log-format", "json", "--no-progress", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert records
+    for record in records:
+        assert {"time", "level", "run_id", "message"} <= set(record)
+        assert record["time"].endswith("Z")
+        assert datetime.fromisoformat(record["time"]).utcoffset() == timedelta(0)
+    assert all(r["run_id"] == "j1" for r in records)
+    progress = [r for r in records if r["message"].startswith("progress: ")]
+    assert progress
+    first = progress[0]
+    assert {"read", "done", "failed", "in_flight", "rate"} <= set(first)
+    [stage] = first["stages"]
+    assert (stage["name"], stage["cap"]) == ("hold", 2)
+    assert {"in_flight", "queued"} <= set(stage)
+    assert first["message"] == (
+        f"progress: read={first['read']} done={first['done']} failed={first['failed']} "
+        f"in_flight={first['in_flight']} rate={first['rate']:.1f}/s "
+        + " ".join(f"{s['name']}={s['in_flight']}/{s['cap']}+q{s['queued']}" for s in first["stages"])
+    )
+    assert records[-1]["message"] == "report: runs/j1/report.html"
+
+
+def test_log_format_text_is_the_default(write_config: Callable[[str], Path], tmp_path: Path) -> None:
+    """Without --log-format the stderr lines stay plain text."""
+    cfg = write_config(CONFIG.format(max_failures=10))
+    proc = run_cli("run", str(cfg), "--run-id", "t1", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "report: runs/t1/report.html" in proc.stderr.splitlines()

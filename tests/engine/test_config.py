@@ -179,3 +179,27 @@ def test_missing_file_is_config_error(tmp_path: Path) -> None:
     """A config path that does not exist is a ConfigError saying so."""
     with pytest.raises(ConfigError, match="no such file"):
         load_config(str(tmp_path / "absent.toml"))
+
+
+def test_missing_callable_suggests_a_close_name_and_lists_the_callables(
+    write_config: Callable[[str], Path],
+) -> None:
+    """``stages.db:read`` is refused with "did you mean 'read_rows'?" and the module's callables."""
+    err, _ = config_error(write_config, "[source]\nuse = 'stages.db:read'\n" + GOOD_STAGE)
+    assert err.location == "source.use"
+    assert "Did you mean 'read_rows'?" in str(err)
+    assert "It has: execute_script, lookup, mysql_ledger, read_rows," in str(err)
+
+
+def test_unknown_option_suggests_a_close_name(write_config: Callable[[str], Path]) -> None:
+    """A misspelt option gets "did you mean ...?" after the options the callable accepts."""
+    err, _ = config_error(write_config, HEAD + GOOD_STAGE + "widht = 3\n")
+    assert err.location == "stages[0].widht"
+    assert str(err).endswith("timeout, use. Check the spelling: did you mean 'width'?")
+
+
+def test_unknown_option_without_a_close_name_lists_the_options(write_config: Callable[[str], Path]) -> None:
+    """An option close to no name gets no guess, only the names that exist."""
+    err, _ = config_error(write_config, HEAD + GOOD_STAGE + "dir = 'x'\n")
+    assert "did you mean" not in str(err)
+    assert "accepts width" in str(err)
