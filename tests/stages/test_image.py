@@ -430,3 +430,20 @@ async def test_thumbnail_declares_its_estimate_to_the_memory_budget() -> None:
     report = await pipeline.run_async(progress=False)
     assert report.items.ok == 1
     assert report.memory["peak_charged_bytes"] >= len(body) + decode_estimate({"body": body}) > len(body)
+
+
+def test_estimate_of_a_tiff_finds_its_directory_after_the_pixels() -> None:
+    """A compressed TIFF keeps its directory after the pixel data: the estimate still reads it."""
+    body = images.encode(images.photo_image(400, 300), "TIFF", compression="tiff_lzw")
+    assert int.from_bytes(body[4:8], "little") > len(body) // 2  # the directory is at the end
+    assert decode_estimate({"body": body}) == 400 * 300 * 8
+
+
+def test_estimate_parses_only_the_head_of_a_body() -> None:
+    """A JPEG whose frame header comes after 5 MB of metadata segments is not walked on the event
+    loop: the estimate gives up at the head and counts 0 (the stage still decodes it)."""
+    jpeg = images.photo_jpeg(64, 48)
+    segment = b"\xff\xef" + (65535).to_bytes(2, "big") + bytes(65533)  # an APP15 segment, 64 KiB
+    body = jpeg[:2] + segment * 80 + jpeg[2:]
+    assert decode_estimate({"body": body}) == 0
+    assert run(body)["width"] == 64
