@@ -3,7 +3,9 @@
 The engine validates a stage's options against its signature with pydantic (see
 ``pipeline.Stage``), so a constraint written in an annotation here is the whole check: no
 stage re-checks its options by hand. Numbers are strict, so ``true`` is not taken for ``1``
-and ``"5"`` is not taken for ``5``; a float option accepts an integer (``timeout = 5``).
+and ``"5"`` is not taken for ``5``; a float option accepts an integer (``timeout = 5``). Names
+whose meaning does not depend on case (image formats, layouts) are taken in any case and
+normalised (:data:`UpperCase`, :data:`LowerCase`), so ``format = "jpeg"`` means ``"JPEG"``.
 
 A direct Python call of a stage function (a notebook, a test) bypasses the engine;
 :func:`checked_options` runs the engine's same check on such a call, once per set of options.
@@ -23,6 +25,7 @@ import pipeline
 __all__ = [
     "Flag",
     "Identifier",
+    "LowerCase",
     "NonNegativeInt",
     "PositiveInt",
     "PositiveSeconds",
@@ -30,6 +33,7 @@ __all__ = [
     "FieldName",
     "InvalidOptionError",
     "Rate",
+    "UpperCase",
     "checked_options",
 ]
 
@@ -50,6 +54,22 @@ Flag = Annotated[bool, Field(strict=True)]
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
 """A SQL identifier (a table or column name): letters, digits and underscores."""
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+UpperCase = BeforeValidator(_upper)
+"""Upper-cases a string option before it is checked: ``Annotated[Literal["JPEG", "PNG"], UpperCase]``
+takes ``"jpeg"``. Only for options whose meaning does not depend on case (format names, not paths)."""
+
+LowerCase = BeforeValidator(_lower)
+"""Lower-cases a string option before it is checked, as :data:`UpperCase` upper-cases it."""
 
 
 def _field_name(value: object, info: ValidationInfo) -> object:
@@ -117,9 +137,10 @@ def checked_options(fn: F) -> F:
     the :class:`~pipeline.Stage` is made. A direct Python call (a notebook, a test) bypasses
     the engine, so the wrapper builds that same ``pipeline.Stage(fn, options=...)`` the first
     time it sees a set of options, and remembers the sets that passed: per item, a call costs
-    a set lookup, not a validation. Works on a plain or ``async def`` stage function and on a
-    :func:`~pipeline.factory` (put ``@factory`` outside it); the signature, as the engine
-    reads it, is ``fn``'s.
+    a dict lookup, not a validation. ``fn`` is called with the options as the engine checked
+    them (normalised: ``format="jpeg"`` arrives as ``"JPEG"``), as in a run. Works on a plain
+    or ``async def`` stage function and on a :func:`~pipeline.factory` (put ``@factory``
+    outside it); the signature, as the engine reads it, is ``fn``'s.
 
     Raises:
         InvalidOptionError: On a call whose options the engine would refuse (for an
@@ -131,36 +152,37 @@ def checked_options(fn: F) -> F:
             f"checked_options cannot wrap the generator function {fn.__qualname__}: a wrapper would "
             "hide from the engine that it fans out; leave it unwrapped"
         )
-    passed: set[Hashable] = set()
+    passed: dict[Hashable, dict[str, Any]] = {}
 
-    def check(options: dict[str, Any]) -> None:
+    def check(options: dict[str, Any]) -> dict[str, Any]:
         try:
             key: Hashable = tuple([(name, _freeze(value)) for name, value in options.items()])
         except TypeError:
             key = None
-        if key is not None and key in passed:
-            return
+        if key is not None:
+            checked = passed.get(key)
+            if checked is not None:
+                return checked
         try:
-            pipeline.Stage(wrapper, options=options)
+            checked = dict(pipeline.Stage(wrapper, options=options).options)
         except pipeline.ConfigError as exc:
             raise InvalidOptionError(exc.message, location=exc.location) from None
         if key is not None:
             if len(passed) >= _MAX_CHECKED:
                 passed.clear()
-            passed.add(key)
+            passed[key] = checked
+        return checked
 
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def wrapper(first: Any, /, *args: Any, **options: Any) -> Any:
-            check(options)
-            return await fn(first, *args, **options)
+            return await fn(first, *args, **check(options))
 
     else:
 
         @functools.wraps(fn)
         def wrapper(first: Any, /, *args: Any, **options: Any) -> Any:
-            check(options)
-            return fn(first, *args, **options)
+            return fn(first, *args, **check(options))
 
     return cast(F, wrapper)

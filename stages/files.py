@@ -16,7 +16,9 @@ milliseconds, or seconds on a slow network disk, so an hour-old temporary file i
 Safe: the directory of an item comes from its key through :func:`safe_key`, which never lets data
 choose a path outside the output tree (no ``..``, no absolute paths, no separators, no NUL, no
 reserved device names), and never maps two distinct keys to one name, even on case-insensitive
-file systems. Every final path is also checked, once resolved, to lie inside the root.
+file systems. The directories under the root are made one at a time, each checked first: a
+symlink that leads out of the root (planted, or left over) is refused before anything is
+created through it, and every final path is checked again, once resolved, to lie inside the root.
 
 Item fields: reads the key (``id``) and ``thumbnails`` (as :func:`stages.image.thumbnail`
 makes them). Returns a new item whose thumbnails have ``data`` replaced by ``path`` (relative to
@@ -33,15 +35,16 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 from pipeline import Context, ResourceError, factory
 
-from ._options import FieldName, Flag, Seconds, checked_options
+from ._options import FieldName, Flag, LowerCase, Seconds, checked_options
 
 try:
     import fcntl
@@ -63,7 +66,8 @@ log = logging.getLogger(__name__)
 EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png", "GIF": "gif", "AVIF": "avif"}
 """File extension by Pillow format name."""
 
-Layout = Literal["nested", "sharded"]
+Layout = Annotated[Literal["nested", "sharded"], LowerCase]
+"""``"nested"`` or ``"sharded"``, in any case."""
 
 STALE_AFTER = 3600.0
 """Default age in seconds past which a temporary file counts as stale while another run writes."""
@@ -353,8 +357,10 @@ def write_item(
         planned.append((rel, bytes(data), thumb))
 
     try:
+        if not os.path.lexists(root_path):  # the operator's root; whatever stands there is checked below
+            root_path.mkdir(parents=True, exist_ok=True)
         resolved_root = root_path.resolve()
-        (resolved_root / key_dir).mkdir(parents=True, exist_ok=True)
+        _make_dirs_inside(resolved_root, key_dir, item[key_field])
     except OSError as exc:
         raise _write_error(exc, root_path / key_dir, "create the directory") from exc
     outputs = []
@@ -380,6 +386,45 @@ def write_item(
     return result
 
 
+def _make_dirs_inside(root: Path, rel: str, key: object) -> None:
+    """Create ``root/rel`` one component at a time, checking each before anything is made in it.
+
+    A component that is a symlink must resolve inside ``root``, else nothing is created
+    through it; a symlink that stays inside is followed.
+
+    Raises:
+        ValueError: A component is a symlink leading out of ``root``.
+        OSError: From the file system, unchanged.
+    """
+    current = root
+    for part in rel.split("/"):
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            # The parent was checked, and a new directory is a real one, not a link.
+            with contextlib.suppress(FileExistsError):  # another writer made it just now
+                os.mkdir(current)
+            mode = os.lstat(current).st_mode
+        if stat.S_ISLNK(mode):
+            target = current.resolve()
+            if not target.is_relative_to(root):
+                raise ValueError(
+                    f"output directory {str(current)!r} for item {key!r} is a symlink to {str(target)!r}, "
+                    f"outside the output root {str(root)!r}; nothing was written through it. Remove the "
+                    "symlink (it resolves outside the output root)"
+                )
+
+
+def _dangling_link(path: Path) -> tuple[Path, str] | None:
+    """The first of ``path`` and its parents that is a symlink to nothing, with its target."""
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if candidate.is_symlink() and not candidate.exists():
+                return candidate, os.readlink(candidate)
+    return None
+
+
 def _write_error(exc: OSError, path: Path, action: str) -> OutputWriteError:
     """Translate a file-system error into a sentence naming the path and a likely fix."""
     code = errno.errorcode.get(exc.errno or 0, "")
@@ -393,5 +438,13 @@ def _write_error(exc: OSError, path: Path, action: str) -> OutputWriteError:
         "EEXIST": "a file stands where a directory is needed; move it or choose another root",
         "EISDIR": "a directory stands where the file should go; remove it",
     }.get(code, "check the output root")
+    if code in ("ENOENT", "ENOTDIR", "EEXIST"):
+        dangling = _dangling_link(path)
+        if dangling is not None:
+            link, target = dangling
+            hint = (
+                f"{str(link)!r} is a dangling symlink to {target!r}; create {target!r} (a directory), "
+                "point the link at an existing directory, or choose another root"
+            )
     reason = exc.strerror or str(exc)
     return OutputWriteError(f"could not {action} {str(path)!r}: {reason} ({code or exc.errno}); {hint}")

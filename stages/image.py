@@ -23,6 +23,15 @@ difference worth its cost, so thumbnails are encoded in memory and handed on as 
 :func:`stages.files.write` writes them. That keeps the item conventions as they are and lets a
 failed write be retried without decoding again.
 
+Formats: only the source formats in the ``formats`` allow-list are opened (by default
+:data:`DEFAULT_FORMATS`: JPEG, PNG, WebP, GIF, TIFF, BMP). Pillow can read dozens more, some
+through large or outside decoders (EPS and PDF run Ghostscript, a PostScript interpreter);
+an image in any other format is refused before its decoder runs, naming the format its first
+bytes identify.
+
+Memory: :func:`thumbnail` declares what an attempt allocates (:func:`decode_estimate`, read
+from the image's header) for the engine's ``memory_budget``.
+
 Item fields: reads ``body`` (bytes) and, for error messages, ``content_type``. Returns a new
 item without ``body``, with ``width`` and ``height`` (of the full-size source after EXIF
 orientation), ``source_format`` (Pillow's name, for example ``"JPEG"``) and ``thumbnails``: one
@@ -40,20 +49,54 @@ from typing import Annotated, Any, Literal
 import pydantic
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import cpu_bound
+import pipeline
 
-from ._options import FieldName, PositiveInt, checked_options
+from ._options import FieldName, PositiveInt, UpperCase, checked_options
 
-__all__ = ["ImageDecodeError", "ImageTooLargeError", "thumbnail"]
+__all__ = [
+    "DEFAULT_FORMATS",
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "decode_estimate",
+    "thumbnail",
+]
 
-OutputFormat = Literal["JPEG", "WEBP", "PNG"]
+OutputFormat = Annotated[Literal["JPEG", "WEBP", "PNG"], UpperCase]
+"""The thumbnails' format, in any case (``"jpeg"`` is ``"JPEG"``)."""
+
+DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")
+"""The source formats :func:`thumbnail` opens unless told otherwise: photo and web formats.
+(Pillow opens multi-picture JPEGs, MPO, as JPEG.)"""
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""The default ``max_pixels`` of :func:`thumbnail`."""
+
+_DEFAULT_LARGEST = 1024  # the largest of thumbnail's default sizes
+_HEADER_BYTES = 256 * 1024  # what decode_estimate parses: headers, EXIF, ICC and XMP fit in it
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little, big endian; classic, BigTIFF
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientations 5..8 turn the picture by 90 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _WHITE = 255
-# What Pillow raises on a corrupt or truncated stream while identifying or decoding it.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+# What Pillow raises on a corrupt or truncated stream while identifying or decoding it, and
+# what its plugins raise on a variant they do not implement (NotImplementedError, a
+# RuntimeError) or trip over internally (KeyError, ZeroDivisionError, OverflowError).
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    LookupError,
+    TypeError,
+    struct.error,
+    RuntimeError,
+    ArithmeticError,
+)
+# Formats whose decoder runs an outside program: said so when they are refused.
+_OUTSIDE_DECODERS = {"EPS": "Ghostscript", "PDF": "Ghostscript"}
+# Names people write for a format, and Pillow's name for it, for the error message.
+_ALIASES = {"JPG": "JPEG", "TIF": "TIFF", "PS": "EPS"}
 
 
 def _distinct(sizes: Sequence[int]) -> Sequence[int]:
@@ -73,6 +116,27 @@ Quality = Annotated[PositiveInt, pydantic.Field(le=100)]
 """Encoder quality, 1 to 100."""
 
 
+def _source_format(value: object, info: pydantic.ValidationInfo) -> object:
+    if not isinstance(value, str):
+        return value  # the str check refuses it, naming the value
+    name = value.upper()
+    Image.init()  # registers every plugin, so Image.OPEN lists all Pillow can read
+    if name not in Image.OPEN:
+        hint = f"did you mean {_ALIASES[name]!r}? Use" if name in _ALIASES else "use"
+        raise ValueError(
+            f"{info.field_name}: {value!r} is not a format Pillow can open; {hint} Pillow's names, "
+            f"such as {', '.join(map(repr, DEFAULT_FORMATS))} (all: {', '.join(sorted(Image.OPEN))})"
+        )
+    return name
+
+
+SourceFormat = Annotated[str, pydantic.BeforeValidator(_source_format)]
+"""A format Pillow can open, by Pillow's name, in any case (``"jpeg"`` is ``"JPEG"``)."""
+
+Formats = Annotated[Sequence[SourceFormat], pydantic.Field(min_length=1)]
+"""The allow-list of source formats: at least one."""
+
+
 class ImageDecodeError(ValueError):
     """The body is not an image Pillow can decode (empty, truncated, corrupt or not an image)."""
 
@@ -81,7 +145,85 @@ class ImageTooLargeError(ImageDecodeError):
     """The image declares more pixels than allowed; it was rejected before any pixel was decoded."""
 
 
-@cpu_bound  # with concurrency = "auto": tuned by throughput, capped at the cores
+def _bytes_per_pixel(mode: str) -> int:
+    """What decoding and normalising a pixel of ``mode`` holds at once, in bytes.
+
+    Pillow stores every mode of more than one band, and the 32-bit ones, in 4 bytes a pixel;
+    ``1``, ``L`` and ``P`` in one. Doubled for the copy the conversion to L/RGB/RGBA or the
+    first reduction makes while the decoded image is still held; 16- and 32-bit greyscale go
+    through two 32-bit copies (convert, then stretch) on top of the decoded one.
+    """
+    if mode in ("1", "L"):
+        return 2
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return 12
+    return 8
+
+
+def decode_estimate(item: dict[str, Any]) -> int:
+    """What a :func:`thumbnail` attempt with default options allocates for ``item``, in bytes.
+
+    Read from the image's header, without decoding a pixel: the size it declares (a JPEG at
+    the reduced scale its decoder draws for the largest default size, 1024 px), times what a
+    pixel holds while decoded and converted (see ``_bytes_per_pixel``). Measured on 36 MP
+    sources (``bench/hostile_memory.py``), Pillow's peak is about two thirds of it (JPEG:
+    11.4 MiB against 17.2; PNG: 179 MiB against 276). It costs about 0.1 ms on a 36 MP JPEG and
+    parses only the first 256 KiB (all of a TIFF, whose directory is found by seeking).
+
+    It counts 0 for a body it cannot identify from that head, for formats outside
+    :data:`DEFAULT_FORMATS` (their parsers are not run on the event loop) and for images over
+    the default ``max_pixels`` (refused before decoding). The engine hands it the item only,
+    not the stage's options: with ``sizes`` above 1024 a JPEG is decoded at a larger scale
+    than assumed (up to 4x the pixels per doubling), and ``body_field`` is taken as ``"body"``.
+
+    Args:
+        item: The item; ``item["body"]`` holds the encoded image.
+
+    Returns:
+        The estimate in bytes, never negative; it never raises.
+    """
+    body = item.get("body")
+    if not isinstance(body, bytes | bytearray | memoryview) or not body:
+        return 0
+    try:
+        # A TIFF's directory is often after its pixels; it is found by seeking, so still cheap.
+        size = _declared(body, bytes(body[:4]) not in _TIFF_MAGIC)
+    except Exception:  # an estimate is advice: whatever Pillow raises, nothing will be decoded
+        return 0
+    if size is None:
+        return 0
+    w, h, mode = size
+    return w * h * _bytes_per_pixel(mode)
+
+
+class _Head(io.BytesIO):
+    """The first :data:`_HEADER_BYTES` of a body, read in place: later bytes read as the end.
+
+    The estimate runs on the event loop, and walking a body of 50 MB of metadata segments
+    takes Pillow some 85 ms; the stage itself parses it all, in its thread.
+    """
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = _HEADER_BYTES - self.tell()
+        if left <= 0:
+            return b""
+        return super().read(left if size is None or size < 0 else min(size, left))
+
+
+def _declared(data: bytes | bytearray | memoryview, head_only: bool) -> tuple[int, int, str] | None:
+    """Width, height and mode as a thumbnail decodes them, from the header; ``None`` when
+    nothing will be decoded. Pillow's errors go to the caller."""
+    fp = _Head(data) if head_only else io.BytesIO(data)  # a bytes body is shared, not copied
+    with Image.open(fp, formats=DEFAULT_FORMATS) as img:
+        w, h = img.size
+        if w < 1 or h < 1 or w * h > DEFAULT_MAX_PIXELS:
+            return None
+        img.draft(None, _fit(w, h, _DEFAULT_LARGEST))  # a no-op but for JPEG
+        return img.size[0], img.size[1], img.mode
+
+
+@pipeline.weighs(decode_estimate)  # for memory_budget: the decoded pixels, from the header
+@pipeline.cpu_bound  # with concurrency = "auto": tuned by throughput, capped at the cores
 @checked_options  # the engine checks a run's options; this checks a direct call's, once per set
 def thumbnail(
     item: dict[str, Any],
@@ -89,7 +231,8 @@ def thumbnail(
     sizes: Sizes = (1024, 256),
     format: OutputFormat = "WEBP",
     quality: Quality = 85,
-    max_pixels: PositiveInt = 40_000_000,
+    max_pixels: PositiveInt = DEFAULT_MAX_PIXELS,
+    formats: Formats = DEFAULT_FORMATS,
     body_field: FieldName = "body",
 ) -> dict[str, Any]:
     """Decode the item's image and make one thumbnail per size.
@@ -102,10 +245,13 @@ def thumbnail(
     Args:
         item: The item; ``item[body_field]`` holds the encoded image.
         sizes: The bounding-box sizes in pixels, each distinct; a thumbnail is named after its size.
-        format: Output format.
+        format: Output format, in any case.
         quality: Encoder quality, 1 to 100, for JPEG and WebP (PNG is lossless and ignores it).
         max_pixels: Reject images declaring more pixels than this, before decoding any. Pillow's
             own limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice that for a hard error) applies too.
+        formats: The source formats to open, by Pillow's names, in any case; an image in any
+            other is refused before its decoder runs. Add ``"EPS"`` or ``"PDF"`` only for
+            trusted sources: Pillow decodes them by running Ghostscript.
         body_field: The field holding the encoded image.
 
     Returns:
@@ -113,7 +259,8 @@ def thumbnail(
         ``source_format`` and ``thumbnails``.
 
     Raises:
-        ImageDecodeError: The body is missing, empty, truncated, corrupt or not an image.
+        ImageDecodeError: The body is missing, empty, truncated, corrupt, not an image, in a
+            format outside ``formats``, or in a variant Pillow does not implement.
         ImageTooLargeError: The image declares more than ``max_pixels`` pixels.
         ConfigError: On a direct call, an option is invalid (also a ``ValueError``); in a run
             the engine refuses it when the stage is defined, before any item runs.
@@ -126,7 +273,7 @@ def thumbnail(
             "stage before thumbnail, or set body_field to the field that holds the image"
         )
     data = bytes(body)
-    with _open(data, content_type, max_pixels) as img:
+    with _open(data, content_type, max_pixels, formats) as img:
         source_format = img.format or "unknown"
         stored_w, stored_h = img.size
         # Decode JPEGs at the smallest DCT scale still at least as large as the biggest thumbnail.
@@ -163,16 +310,46 @@ def _describe(data: bytes, content_type: object) -> str:
     return f"{len(data)} bytes, content type {content_type or 'unknown'}"
 
 
-def _open(data: bytes, content_type: object, max_pixels: int) -> Image.Image:
-    """Identify the image from its header, without decoding pixels, and enforce ``max_pixels``.
+def _identify(data: bytes) -> str | None:
+    """The format Pillow would take ``data`` for, from its first bytes alone (no plugin's
+    parser runs), or ``None``."""
+    Image.init()
+    prefix = data[:16]  # what Image.open hands the plugins' checks
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if accept is None:
+            continue  # a format without a magic-number check: nothing to say from the bytes
+        try:
+            found = accept(prefix)
+        except Exception:  # a check that trips over a short prefix: not this format
+            continue
+        if found and not isinstance(found, str):  # a str is a warning, not a match
+            return name
+    return None
+
+
+def _open(data: bytes, content_type: object, max_pixels: int, formats: Sequence[str]) -> Image.Image:
+    """Identify the image from its header, without decoding pixels, and enforce ``formats`` and
+    ``max_pixels``.
 
     This is the one place where Pillow's identification errors are translated.
     """
     if not data:
         raise ImageDecodeError(f"not a decodable image: the body is empty ({_describe(data, content_type)})")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError as exc:
+        found = _identify(data)
+        if found is not None and found not in formats:
+            outside = _OUTSIDE_DECODERS.get(found)
+            risk = (
+                f" (Pillow decodes {found} by running {outside}: only for trusted sources)" if outside else ""
+            )
+            raise ImageDecodeError(
+                f"image format not allowed: its first bytes identify it as {found}, which is not in "
+                f"formats = {list(formats)!r}; add {found!r} to formats if such images are expected"
+                f"{risk} ({_describe(data, content_type)})"
+            ) from exc
         # Pillow's message ends with the BytesIO's repr, which tells an operator nothing.
         raise ImageDecodeError(
             f"not a decodable image: cannot identify image file ({_describe(data, content_type)})"
@@ -186,7 +363,9 @@ def _open(data: bytes, content_type: object, max_pixels: int) -> Image.Image:
             f"({_describe(data, content_type)})"
         ) from exc
     except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"not a decodable image: {exc} ({_describe(data, content_type)})") from exc
+        raise ImageDecodeError(
+            f"not a decodable image: {_reason(exc, _identify(data))} ({_describe(data, content_type)})"
+        ) from exc
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:
         img.close()
@@ -214,7 +393,18 @@ def _load(img: Image.Image, data: bytes, content_type: object) -> None:
             f"({_describe(data, content_type)})"
         ) from exc
     except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"not a decodable image: {exc} ({_describe(data, content_type)})") from exc
+        raise ImageDecodeError(
+            f"not a decodable image: {_reason(exc, img.format)} ({_describe(data, content_type)})"
+        ) from exc
+
+
+def _reason(exc: Exception, format: str | None = None) -> str:
+    """Pillow's reason, said as an operator needs it."""
+    if isinstance(exc, NotImplementedError):
+        return f"Pillow cannot decode this variant of {format or 'its format'} ({exc or 'not implemented'})"
+    if not str(exc):
+        return type(exc).__name__  # a bare KeyError() or ZeroDivisionError() says nothing else
+    return str(exc)
 
 
 def _orientation(img: Image.Image) -> int:

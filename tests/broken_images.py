@@ -87,6 +87,10 @@ def broken_image_cases() -> list[Case]:
         Case("page.jpg", images.html_page(), "text/html", *decode, "cannot identify image file"),
         Case("garbage.jpg", images.garbage_bytes(2048), "image/jpeg", *decode, "cannot identify image file"),
         Case("text.png", b"hello, world\n" * 10, "image/png", *decode, "cannot identify image file"),
+        # Real images in formats outside the allow-list: refused before their decoders run
+        # (EPS would run Ghostscript; this DDS variant makes Pillow raise NotImplementedError).
+        Case("vector.eps", images.eps(), "application/postscript", *decode, "identify it as EPS"),
+        Case("texture.dds", images.dds_unimplemented("dxgi"), "image/vnd-ms.dds", *decode, "as DDS"),
         # Corrupt headers: the magic bytes wrong, or the header's fields nonsense.
         Case("bad-magic.jpg", b"\x00\x00" + jpeg[2:], "image/jpeg", *decode, "cannot identify image file"),
         Case("bad-magic.png", b"\x89PNX" + png[4:], "image/png", *decode, "cannot identify image file"),

@@ -26,8 +26,10 @@ __all__ = [
     "animated_webp",
     "bilevel_png",
     "cmyk_jpeg",
+    "dds_unimplemented",
     "empty_bytes",
     "encode",
+    "eps",
     "float_tiff",
     "garbage_bytes",
     "grayscale_jpeg",
@@ -39,6 +41,7 @@ __all__ = [
     "photo_image",
     "photo_jpeg",
     "png_bomb",
+    "ppm",
     "rgba_png",
     "rgba_webp",
     "truncated_jpeg",
@@ -255,3 +258,47 @@ def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
         + _png_chunk(b"IDAT", b"".join(parts))
         + _png_chunk(b"IEND", b"")
     )
+
+
+def eps(width: int = 64, height: int = 48) -> bytes:
+    """Return an Encapsulated PostScript file, as Pillow writes it (no Ghostscript needed).
+
+    Decoding it would run Ghostscript, a PostScript interpreter: the attack surface an allow-list
+    of source formats keeps out.
+    """
+    return encode(photo_image(width, height), "EPS")
+
+
+def ppm(width: int = 64, height: int = 48) -> bytes:
+    """Return a binary PPM (``P6``): a real image in a format outside the default allow-list."""
+    return encode(photo_image(width, height), "PPM")
+
+
+# DDS pixel-format flags (DDPF_*) and the header fields Pillow reads.
+_DDS_HEADER_FLAGS = 0x1007  # CAPS | HEIGHT | WIDTH | PIXELFORMAT
+_DDPF_FOURCC = 0x4
+
+
+def dds_unimplemented(kind: str) -> bytes:
+    """Return an 8x8 DirectDraw Surface whose pixel format Pillow has no decoder for.
+
+    Pillow raises ``NotImplementedError`` while identifying these (its own test images
+    ``unimplemented_pfflags.dds``, ``unimplemented_pixel_format.dds`` and
+    ``unimplemented_dxgi_format.dds`` do the same); built by hand to the DDS layout.
+
+    Args:
+        kind: ``"pfflags"`` (no known pixel-format flag), ``"fourcc"`` (an unknown FourCC code)
+            or ``"dxgi"`` (a DX10 header naming an unknown DXGI format).
+    """
+    pfflags, fourcc, dxgi = {
+        "pfflags": (0, b"\0\0\0\0", None),
+        "fourcc": (_DDPF_FOURCC, b"ABCD", None),
+        "dxgi": (_DDPF_FOURCC, b"DX10", 999),
+    }[kind]
+    header = struct.pack("<6I", _DDS_HEADER_FLAGS, 8, 8, 0, 0, 0) + bytes(44)  # + 11 reserved
+    header += struct.pack("<2I4sI", 32, pfflags, fourcc, 0) + bytes(16)  # pixel format: no masks
+    header += bytes(20)  # caps and a reserved word
+    body = b"DDS " + struct.pack("<I", 4 + len(header)) + header
+    if dxgi is not None:
+        body += struct.pack("<5I", dxgi, 3, 0, 1, 0)  # format, 2D texture, flags, array size, flags
+    return body + bytes(8 * 8 * 4)

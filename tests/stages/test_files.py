@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -215,6 +216,59 @@ def test_write_refuses_a_symlink_out_of_the_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resolves outside the output root"):
         write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
     assert list(outside.iterdir()) == []
+
+
+def _tree(path: Path) -> list[str]:
+    """Everything under ``path`` (not following symlinks), relative, sorted."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_write_creates_nothing_outside_the_root_through_a_planted_shard_symlink(tmp_path: Path) -> None:
+    """A shard directory planted as a symlink out of the root is refused before any directory
+    is created: the key directory is not made at the symlink's target, nor any file."""
+    root, outside = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    shard = hashlib.sha256(b"sku-1").hexdigest()[:2]
+    (root / shard).symlink_to(outside)
+    with pytest.raises(ValueError, match=f"{shard}' for item 'sku-1' is a symlink to .*elsewhere', outside"):
+        write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root), layout="sharded")
+    assert _tree(outside) == []
+    assert _tree(root) == [shard]
+
+
+def test_write_follows_a_symlink_that_stays_inside_the_root(tmp_path: Path) -> None:
+    """A symlink inside the tree to another directory of the tree is no escape: writes go through it."""
+    root = tmp_path / "out"
+    (root / "real").mkdir(parents=True)
+    (root / "sku-1").symlink_to(root / "real")
+    result = write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
+    assert result["outputs"] == ["sku-1/256.webp"]
+    assert (root / "real" / "256.webp").read_bytes() == b"image bytes"
+
+
+def test_write_names_a_dangling_symlink_root(tmp_path: Path) -> None:
+    """A root that is a symlink to nothing fails saying so, naming the link's target."""
+    root = tmp_path / "out"
+    root.symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputWriteError, match=r"out' is a dangling symlink to '.*gone'") as info:
+        write_item({"id": "sku-1", "thumbnails": [thumb()]}, root=str(root))
+    assert "a file stands where" not in str(info.value)
+    assert _tree(tmp_path) == ["out"]
+
+
+async def test_write_stage_names_a_dangling_symlink_root(tmp_path: Path) -> None:
+    """Opened by a run, a dangling-symlink root fails the run at start, saying what it is."""
+    root = tmp_path / "out"
+    root.symlink_to(tmp_path / "gone")
+    with pytest.raises(ResourceError, match=r"out' is a dangling symlink to '.*gone'; create"):
+        await _one_item_through_write(root)
+    assert _tree(tmp_path) == ["out"]
+
+
+def test_write_stage_takes_layout_in_any_case() -> None:
+    """layout = "Sharded" means "sharded": the stage's options are normalised when it is defined."""
+    assert Stage(write, options={"root": "x", "layout": "Sharded"}).options["layout"] == "sharded"
 
 
 def test_write_fails_clearly_when_root_is_a_file(tmp_path: Path) -> None:

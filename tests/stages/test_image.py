@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import io
+import os
 import tracemalloc
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
-from pipeline import ConfigError, Stage
-from stages.image import ImageDecodeError, ImageTooLargeError, thumbnail
+from pipeline import ConfigError, Pipeline, Stage
+from pipeline.testing import memory_source
+from stages.image import (
+    DEFAULT_FORMATS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_estimate,
+    thumbnail,
+)
 from tests import images
 
 FORMATS = ("WEBP", "JPEG", "PNG")
@@ -260,6 +269,11 @@ def test_pillow_bomb_warning_as_error_is_translated() -> None:
         ({"sizes": []}, "non-empty"),
         ({"quality": 0}, "quality must be between 1 and 100, got 0"),
         ({"format": "GIF"}, "format must be one of"),
+        ({"sizes": [1024, "256"]}, "sizes\\[1\\] must be an integer, got '256'"),
+        ({"sizes": [1024, True]}, "sizes\\[1\\] must be an integer, got True"),
+        ({"formats": []}, "formats must be non-empty"),
+        ({"formats": ["JPG"]}, "'JPG' is not a format Pillow can open.*'JPEG'"),
+        ({"formats": "JPEG"}, "formats"),
     ],
 )
 def test_direct_call_checks_options(options: dict[str, Any], message: str) -> None:
@@ -272,3 +286,164 @@ def test_stage_definition_checks_options() -> None:
     """As a pipeline Stage, a bad option is refused when the pipeline is defined."""
     with pytest.raises(ConfigError, match="quality"):
         Stage(thumbnail, options={"quality": 101})
+
+
+@pytest.fixture
+def ghostscript_tripwire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put a real ``gs`` executable first on PATH that records any run of it, and make Pillow
+    look for Ghostscript afresh; returns the file that exists once ``gs`` has run."""
+    bin_dir, ran = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> {ran}\nexit 1\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where gs is
+    return ran
+
+
+def test_eps_is_refused_without_running_ghostscript(ghostscript_tripwire: Path) -> None:
+    """An EPS body (which Pillow decodes by running Ghostscript) is refused by the default
+    formats allow-list, naming the format and the fix; no Ghostscript process is started."""
+    with pytest.raises(ImageDecodeError, match=r"identify it as EPS.*not in formats") as info:
+        run(images.eps())
+    assert "add 'EPS' to formats" in str(info.value)
+    assert not ghostscript_tripwire.exists()
+
+
+def test_eps_estimate_never_runs_ghostscript(ghostscript_tripwire: Path) -> None:
+    """The memory estimate of an EPS body is 0 and starts no Ghostscript process either."""
+    assert decode_estimate({"body": images.eps()}) == 0
+    assert not ghostscript_tripwire.exists()
+
+
+@pytest.mark.parametrize(
+    ("maker", "fmt"),
+    [
+        (images.ppm, "PPM"),
+        (lambda: images.dds_unimplemented("pfflags"), "DDS"),
+        (lambda: images.encode(images.photo_image(32, 32), "ICO"), "ICO"),
+        (lambda: images.encode(images.photo_image(32, 32), "PCX"), "PCX"),
+    ],
+)
+def test_format_outside_the_allow_list_is_refused_naming_it(maker: Callable[[], bytes], fmt: str) -> None:
+    """A real image in a format the allow-list leaves out fails as ImageDecodeError, naming the
+    format as identified from its first bytes and how to allow it; Pillow's decoder never runs."""
+    body = maker()
+    created = pillow_images_created()
+    with pytest.raises(ImageDecodeError, match=f"identify it as {fmt}, which is not in formats") as info:
+        run(body)
+    assert f"add {fmt!r} to formats" in str(info.value)
+    assert pillow_images_created() == created
+
+
+def test_format_added_to_the_allow_list_is_decoded() -> None:
+    """Allowing a format (in any case) lets its images through."""
+    result = run(images.ppm(64, 48), formats=["ppm", "jpeg"], sizes=[32])
+    assert (result["source_format"], result["thumbnails"][0]["width"]) == ("PPM", 32)
+
+
+def test_allow_list_without_the_format_refuses_even_jpeg() -> None:
+    """The allow-list is the whole list: formats=["PNG"] refuses a JPEG."""
+    with pytest.raises(ImageDecodeError, match="identify it as JPEG, which is not in formats"):
+        run(images.photo_jpeg(64, 48), formats=["PNG"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("pfflags", "Unknown pixel format flags 0"),
+        ("fourcc", "Unimplemented pixel format"),
+        ("dxgi", "Unimplemented DXGI format 999"),
+    ],
+)
+def test_pillow_not_implemented_error_becomes_a_decode_error(kind: str, reason: str) -> None:
+    """A format Pillow knows but whose variant it cannot decode (it raises NotImplementedError,
+    as for three of Pillow's own DDS test images) fails as ImageDecodeError with the reason."""
+    with pytest.raises(ImageDecodeError, match="not a decodable image") as info:
+        run(images.dds_unimplemented(kind), formats=["DDS"])
+    assert reason in str(info.value)
+    assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+def test_format_options_are_taken_in_any_case() -> None:
+    """format = "jpeg" means "JPEG", and formats entries are normalised too, in a run's options
+    as on a direct call."""
+    stage = Stage(thumbnail, options={"format": "jpeg", "formats": ["jpeg", "Png"]})
+    assert stage.options["format"] == "JPEG"
+    assert list(stage.options["formats"]) == ["JPEG", "PNG"]
+    result = run(images.photo_jpeg(64, 48), format="webp", sizes=[32])
+    assert result["thumbnails"][0]["format"] == "WEBP"
+    assert decode(result["thumbnails"][0]["data"]).format == "WEBP"
+
+
+def test_default_formats_are_photo_formats() -> None:
+    """The default allow-list holds the usual photo and web formats, and nothing that runs an
+    outside interpreter (EPS, PDF)."""
+    assert set(DEFAULT_FORMATS) == {"JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"}
+
+
+def test_estimate_reads_the_header_without_decoding() -> None:
+    """The memory estimate of a JPEG comes from its header (at the draft scale thumbnail
+    decodes at), with no pixel buffer made."""
+    body = images.photo_jpeg(4000, 3000)
+    created = pillow_images_created()
+    estimate = decode_estimate({"body": body})
+    assert pillow_images_created() == created
+    # 4000x3000 drafted for a 1024 box is decoded at 1/2 scale: 2000x1500, 4 bytes a pixel, x2.
+    assert estimate == 2000 * 1500 * 4 * 2
+
+
+def test_estimate_of_a_png_is_its_full_size() -> None:
+    """A PNG has no draft mode: the estimate is its full declared size."""
+    assert decode_estimate({"body": images.rgba_png(300, 200)}) == 300 * 200 * 4 * 2
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {},
+        {"body": None},
+        {"body": b""},
+        {"body": images.garbage_bytes()},
+        {"body": images.html_page()},
+        {"body": images.png_bomb()},
+        {"body": images.png_bomb(8000, 8000)},
+    ],
+)
+def test_estimate_is_zero_for_what_thumbnail_refuses_before_decoding(item: dict[str, Any]) -> None:
+    """No body, not an image, or a bomb over the default max_pixels: nothing will be decoded."""
+    assert decode_estimate(item) == 0
+
+
+async def test_thumbnail_declares_its_estimate_to_the_memory_budget() -> None:
+    """Through the engine with a memory budget, a thumbnail attempt is charged its estimate on
+    top of the item's body."""
+    body = images.photo_jpeg(2000, 1500)
+    pipeline = Pipeline(
+        source=memory_source([{"id": 1, "body": body}]),
+        stages=[Stage(thumbnail, options={"sizes": [64]})],
+        report_dir=None,
+        ledger=False,
+        memory_budget="1GiB",
+    )
+    report = await pipeline.run_async(progress=False)
+    assert report.items.ok == 1
+    assert report.memory["peak_charged_bytes"] >= len(body) + decode_estimate({"body": body}) > len(body)
+
+
+def test_estimate_of_a_tiff_finds_its_directory_after_the_pixels() -> None:
+    """A compressed TIFF keeps its directory after the pixel data: the estimate still reads it."""
+    body = images.encode(images.photo_image(400, 300), "TIFF", compression="tiff_lzw")
+    assert int.from_bytes(body[4:8], "little") > len(body) // 2  # the directory is at the end
+    assert decode_estimate({"body": body}) == 400 * 300 * 8
+
+
+def test_estimate_parses_only_the_head_of_a_body() -> None:
+    """A JPEG whose frame header comes after 5 MB of metadata segments is not walked on the event
+    loop: the estimate gives up at the head and counts 0 (the stage still decodes it)."""
+    jpeg = images.photo_jpeg(64, 48)
+    segment = b"\xff\xef" + (65535).to_bytes(2, "big") + bytes(65533)  # an APP15 segment, 64 KiB
+    body = jpeg[:2] + segment * 80 + jpeg[2:]
+    assert decode_estimate({"body": body}) == 0
+    assert run(body)["width"] == 64
