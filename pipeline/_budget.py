@@ -19,12 +19,16 @@ run holds, not on the interpreter: the process's peak RSS is reported beside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import re
+import sys
 from typing import Any, Final
 
 from ._exceptions import ConfigError
 
-__all__ = ["MemoryBudget", "parse_size", "weigh"]
+__all__ = ["MemoryBudget", "parse_size", "return_freed_memory", "weigh"]
 
 _UNITS: Final = {
     "": 1,
@@ -128,3 +132,25 @@ class MemoryBudget:
             self.expected = peak_weight
         self.charge(-charged)
         self._changed.set()
+
+
+_M_MMAP_THRESHOLD: Final = -3
+_M_ARENA_MAX: Final = -8
+
+
+def return_freed_memory() -> bool:
+    """On glibc, have malloc give large freed buffers back to the system (``mallopt``): image
+    bodies of 128 KiB and more get their own mappings, and threads share two arenas. Without
+    it, buffers freed by download and thumbnail threads stay in per-thread pools and the
+    process's RSS sits 10-50% above what the items hold. Returns whether it was applied.
+
+    The same as ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2`` in the environment; called
+    when a run has a memory budget.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        return bool(mallopt(_M_MMAP_THRESHOLD, 128 * 1024)) and bool(mallopt(_M_ARENA_MAX, 2))
+    return False

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ._adaptive import Auto
-from ._budget import MemoryBudget
+from ._budget import MemoryBudget, return_freed_memory
 from ._contract import Context, SharedResources, describe, is_factory, stage_kind, workload
 from ._definition import LedgerStore, PipelineDefinition
 from ._exceptions import ConfigError, PipelineError, ResourceError
@@ -140,6 +140,8 @@ class Run:
         )
         budget = pipeline.memory_budget
         self.budget = MemoryBudget(budget) if isinstance(budget, int) else None
+        if self.budget is not None:
+            return_freed_memory()
         self.tally = Tally(DeadLetterWriter(dead_path, self.run_id), self.budget)
         # One limiter per database, shared by every stage that touches it.
         self._databases = {name: db.handle(name) for name, db in pipeline.databases.items()}
