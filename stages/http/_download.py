@@ -62,7 +62,7 @@ from pipeline import (
     parse_rate,
 )
 
-from ._options import (
+from .._options import (
     FieldName,
     Flag,
     NonNegativeInt,
