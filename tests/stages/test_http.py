@@ -20,7 +20,7 @@ import pytest
 import requests
 import requests.adapters
 
-import stages.http
+import stages.http._hosts
 from pipeline import (
     ConfigError,
     Item,
@@ -32,15 +32,10 @@ from pipeline import (
     TransientError,
 )
 from pipeline.testing import memory_source, open_context, run_stages_async
-from stages.http import (
-    DownloadError,
-    _HostCheck,
-    _HostGate,
-    _private_reason,
-    _redact,
-    _retry_after_seconds,
-    download,
-)
+from stages.http import DownloadError, download
+from stages.http._errors import _redact, _retry_after_seconds
+from stages.http._gate import _HostGate
+from stages.http._hosts import _HostCheck, _private_reason
 from tests.fixtures.httpserver import LoopbackServer, Route
 
 Fetch = Callable[[Item], Item]
@@ -462,14 +457,14 @@ async def test_deny_private_applies_to_each_redirect_target(
     http_server: LoopbackServer, open_download: OpenDownload, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A redirect from a host that passes deny_private to a loopback IP is refused before it is requested."""
-    real = stages.http._resolve
+    real = stages.http._hosts._resolve
     # 'localhost' passes as a public host (TEST-NET would not: it is reserved), so the first
     # request goes out; the connection itself still resolves it for real.
     monkeypatch.setattr(
-        stages.http, "_resolve", lambda host: ["93.184.216.34"] if host == "localhost" else real(host)
+        stages.http._hosts, "_resolve", lambda host: ["93.184.216.34"] if host == "localhost" else real(host)
     )
     # The connected peer (127.0.0.1) would be refused on its own; that check has its own test.
-    monkeypatch.setattr(stages.http._HostCheck, "peer", lambda self, address, host, shown: None)
+    monkeypatch.setattr(stages.http._hosts._HostCheck, "peer", lambda self, address, host, shown: None)
     http_server.add("/away", status=302, headers={"Location": http_server.url("/a.jpg")})
     http_server.add("/a.jpg", b"x")
     fetch = await open_download(deny_private=True)
@@ -1103,3 +1098,16 @@ async def test_downloads_in_flight_count_max_bytes_against_the_memory_budget(
     assert report.items.ok == 12
     assert max_bytes <= report.memory["peak_charged_bytes"] <= 2.5 * max_bytes
     assert http_server.max_in_flight <= 2
+
+
+# -- the package's public surface ---------------------------------------------------------
+
+
+def test_public_names_resolve_and_are_shown_as_stages_http() -> None:
+    """Every name in stages.http.__all__ exists, and the error and the stage carry stages.http as
+    their module, so dead letters record stages.http.DownloadError rather than a private path."""
+    assert len(stages.http.__all__) == len(set(stages.http.__all__))
+    for name in stages.http.__all__:
+        assert getattr(stages.http, name) is not None
+    for obj in (DownloadError, download):
+        assert obj.__module__ == "stages.http"
