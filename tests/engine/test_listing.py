@@ -58,7 +58,7 @@ def test_stages_lists_the_builtin_stages(tmp_path: Path) -> None:
     for use in ("db:read_rows", "http:download", "image:thumbnail", "files:write"):
         assert f"stages.{use}" in out
     assert "quality: int (1..100) = 85" in out
-    assert "format: 'JPEG' | 'WEBP' | 'PNG' = 'WEBP'" in out
+    assert "format: 'JPEG' | 'WEBP' | 'PNG' (checked) = 'WEBP'" in out
     assert "allowed_hosts: list[str] (checked) | None = None" in out  # a type, not rich markup
     assert "Decode the item's image" in out  # the first docstring line (the table may wrap it)
     assert "safe_key" not in out
