@@ -111,17 +111,17 @@ async def open_progress(
 
         with Live(_table(snapshot()), console=Console(stderr=True), refresh_per_second=4) as live:
             try:
-                async with _running(_refresh(live, snapshot)):
+                async with running(_refresh(live, snapshot)):
                     yield
             finally:
                 live.update(_table(snapshot()))
         return
-    async with _running(_log_periodically(snapshot, interval)):
+    async with running(_log_periodically(snapshot, interval)):
         yield
 
 
 @contextlib.asynccontextmanager
-async def _running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+async def running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
     """Run ``coro`` as a task for the duration of the block, then cancel it and wait."""
     task = asyncio.create_task(coro)
     try:

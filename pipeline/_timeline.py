@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._progress import RunSnapshot
+from ._progress import RunSnapshot, running
 
 __all__ = ["TIMELINE_FORMAT", "Timeline", "open_sampler"]
 
@@ -130,13 +130,10 @@ async def open_sampler(snapshot: Callable[[], RunSnapshot], timeline: Timeline) 
     """Sample ``snapshot()`` into ``timeline`` when the block starts, every ``timeline.interval``
     seconds while it runs, and once more when it ends."""
     timeline.sample(snapshot())
-    task = asyncio.create_task(_sample_periodically(snapshot, timeline), name="pipeline-timeline")
     try:
-        yield
+        async with running(_sample_periodically(snapshot, timeline)):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         timeline.sample(snapshot())
 
 
