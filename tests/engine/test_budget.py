@@ -35,6 +35,21 @@ class Alive:
         return {"id": item["id"]}
 
 
+class InFlight:
+    """A stage body that counts its attempts in flight, and the most at once."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    async def attempt(self, item: dict[str, Any]) -> dict[str, Any]:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        await asyncio.sleep(0)
+        self.now -= 1
+        return item
+
+
 def pipeline(alive: Alive, budget: str | None, count: int = 12) -> Pipeline:
     return Pipeline(
         source=memory_source([{"id": i} for i in range(count)]),
@@ -72,17 +87,11 @@ async def test_an_item_heavier_than_the_whole_budget_runs_alone() -> None:
 async def test_what_a_stage_declares_it_allocates_counts_while_it_runs() -> None:
     """A stage marked @weighs holds its estimate during the attempt: an item that weighs
     nothing but whose attempt declares 10 MB is charged for it, and admission waits on it."""
-    running = 0
-    peak = 0
+    attempts = InFlight()
 
     @weighs(lambda item: 10 * MB)
     async def decode(item: dict[str, Any]) -> dict[str, Any]:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0)
-        running -= 1
-        return item
+        return await attempts.attempt(item)
 
     p = Pipeline(
         source=memory_source([{"id": i} for i in range(10)]),
@@ -93,7 +102,7 @@ async def test_what_a_stage_declares_it_allocates_counts_while_it_runs() -> None
     )
     report = await p.run_async(progress=False)
     assert report.items.ok == 10
-    assert peak <= 2
+    assert attempts.peak <= 2
     assert report.memory["peak_charged_bytes"] <= 25 * MB
 
 
@@ -120,23 +129,13 @@ def test_weight_is_the_bytes_an_item_holds() -> None:
 
 async def test_a_factory_declares_what_its_attempts_allocate() -> None:
     """A factory that calls ctx.weighs(...) is charged that much per attempt, as @weighs does."""
-    running = 0
-    peak = 0
+    attempts = InFlight()
 
     @factory
     @contextlib.asynccontextmanager
     async def fetch(ctx: Context, *, max_bytes: int) -> AsyncIterator[Callable[..., Any]]:
         ctx.weighs(lambda item: max_bytes)
-
-        async def call(item: dict[str, Any]) -> dict[str, Any]:
-            nonlocal running, peak
-            running += 1
-            peak = max(peak, running)
-            await asyncio.sleep(0)
-            running -= 1
-            return item
-
-        yield call
+        yield attempts.attempt
 
     p = Pipeline(
         source=memory_source([{"id": i} for i in range(10)]),
@@ -147,4 +146,4 @@ async def test_a_factory_declares_what_its_attempts_allocate() -> None:
     )
     report = await p.run_async(progress=False)
     assert report.items.ok == 10
-    assert peak <= 2
+    assert attempts.peak <= 2
