@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
-from bench._common import child_env
+from bench._common import run_child
 from bench.memory import _status_kib
 
 WIDTH, HEIGHT = 7360, 4912  # 36 MP, a full-frame camera's
@@ -121,21 +120,6 @@ def decode_child(path: str) -> dict[str, Any]:
     }
 
 
-def _run_child(*args: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.hostile_memory", *args],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        check=False,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"the child {args} failed:\n{proc.stderr}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
-
-
 def measure(jpegs: int, bombs: int, budgets: list[str | None]) -> list[dict[str, Any]]:
     """Serve the batch and run one child per budget (``None``: no budget)."""
     from tests.fixtures.httpserver import LoopbackServer
@@ -161,7 +145,10 @@ def measure(jpegs: int, bombs: int, budgets: list[str | None]) -> list[dict[str,
             f"({len(bomb) / 1e6:.1f} MB, inflating to {BOMB_BYTES / 1e9:.0f} GB)",
             file=sys.stderr,
         )
-        return [_run_child("child", str(urls), *([b] if b else [])) for b in budgets]
+        return [
+            run_child("bench.hostile_memory", "child", str(urls), *([b] if b else []), timeout=1800)
+            for b in budgets
+        ]
 
 
 def measure_decode() -> list[dict[str, Any]]:
@@ -174,7 +161,10 @@ def measure_decode() -> list[dict[str, Any]]:
         jpeg.write_bytes(images.photo_jpeg(WIDTH, HEIGHT, seed=0))
         photo.save(png, compress_level=1)
         del photo
-        return [_run_child("decode", str(jpeg)), _run_child("decode", str(png))]
+        return [
+            run_child("bench.hostile_memory", "decode", str(jpeg), timeout=600),
+            run_child("bench.hostile_memory", "decode", str(png), timeout=600),
+        ]
 
 
 def main() -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench._common import child_env
+from bench._common import run_child
 
 
 def _status_kib(field: str) -> int:
@@ -51,17 +50,7 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
     """Run the child once per row count, each in a fresh interpreter."""
     out = []
     for n in rows:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.memory", str(n)],
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            check=False,
-            timeout=240,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"the memory child for {n} rows failed:\n{proc.stderr}")
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        out.append(run_child("bench.memory", str(n), timeout=240))
     return out
 
 
