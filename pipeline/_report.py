@@ -27,6 +27,7 @@ __all__ = [
     "group_records",
     "reason",
     "utc_now",
+    "write_json",
 ]
 
 # Buckets grow by 2**(1/8) (about 9%), so a percentile is within about 4.5% of the truth;
@@ -177,10 +178,17 @@ class RunReport:
 
     def write(self, path: Path) -> None:
         """Write the report as JSON, atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_dict(), indent=2)
+
+
+def write_json(path: Path, document: Any, *, indent: int | None = None) -> None:
+    """Write ``document`` as JSON to ``path`` atomically: a reader sees the old file or the new
+    one, never half of one. Compact unless ``indent`` is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    separators = (",", ":") if indent is None else None
+    tmp.write_text(json.dumps(document, indent=indent, separators=separators, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def find_bottleneck(stages: list[StageReport], cpu_bound: set[str]) -> dict[str, Any] | None:

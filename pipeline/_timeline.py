@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._progress import RunSnapshot, running
+from ._report import write_json
 
 __all__ = ["TIMELINE_FORMAT", "Timeline", "open_sampler"]
 
@@ -119,10 +118,7 @@ class Timeline:
 
     def write(self, path: Path, settings: Mapping[str, Any] | None = None) -> None:
         """Write :meth:`to_dict` as JSON, atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(settings), separators=(",", ":"), default=str) + "\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_dict(settings))
 
 
 @contextlib.asynccontextmanager
