@@ -28,38 +28,27 @@ from pipeline import (
     factory,
 )
 
+from ..waiting import Notes
 from .servers import KneeServer, fetch
 
 RETRY = Retry(attempts=50, backoff=0.02, max_backoff=0.2, jitter=0.02)
 
 
-class Answers:
+class Answers(Notes):
     """The answers a stage got (429s among them) and the cap the last one saw, for a test to
     wait on."""
 
     def __init__(self) -> None:
-        self.count = 0
+        super().__init__()
         self.overloaded = 0
         self.limit = 0
         self.report: RunReport | None = None
-        self._changed = asyncio.Event()
 
     def note(self, limiter: CapacityLimiter, overloaded: bool) -> None:
         """Count one answer; called on the loop, so ``limiter`` is read where it is written."""
-        self.count += 1
         self.overloaded += overloaded
         self.limit = limiter.total
-        self._changed.set()
-
-    async def until(self, predicate: Callable[[], bool], run: asyncio.Task[Any]) -> None:
-        """Wait for an answer after which ``predicate()`` holds; fail if ``run`` ends first."""
-        while not predicate():
-            self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                raise AssertionError(f"the run ended while the test waited: {run.result()!r}")
+        self.notify()
 
 
 def watched(answers: Answers) -> Callable[..., Any]:

@@ -10,6 +10,8 @@ from typing import Any
 from pipeline import Auto, CapacityLimiter, Context, Database, Pipeline, Source, Stage, factory
 from pipeline.testing import memory_source, open_context
 
+from ..waiting import Notes
+
 CEILING = 6
 """The database's concurrency. Not a power of two, so slow start (1, 2, 4, 8) must be cut
 short by the ceiling to land on it."""
@@ -24,36 +26,24 @@ CALL_BUDGET = 20_000
 a clear failure instead of a pytest-timeout when the controller stops moving the cap."""
 
 
-class Calls:
+class Calls(Notes):
     """The calls a stage started and the largest cap they saw, for a test to wait on."""
 
     def __init__(self) -> None:
-        self.count = 0
+        super().__init__()
         self.max_limit = 0
         self.max_in_flight = 0
         self.limiter: CapacityLimiter | None = None
-        self._changed = asyncio.Event()
 
     def note(self, limiter: CapacityLimiter) -> None:
         """Count one call, made while ``limiter`` is held."""
         self.limiter = limiter
-        self.count += 1
         self.max_limit = max(self.max_limit, limiter.total)
         self.max_in_flight = max(self.max_in_flight, limiter.borrowed)
-        self._changed.set()
+        self.notify()
 
-    async def until(self, predicate: Callable[[], bool], run: asyncio.Task[Any]) -> None:
-        """Wait for a call after which ``predicate()`` holds; fail if ``run`` ends first or
-        :data:`CALL_BUDGET` more calls go by."""
-        give_up = self.count + CALL_BUDGET
-        while not predicate():
-            assert self.count < give_up, f"gave up after {CALL_BUDGET} calls; cap now {self.limit}"
-            self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                raise AssertionError(f"the run ended while the test waited: {run.result()!r}")
+    def __repr__(self) -> str:
+        return f"Calls(count={self.count}, limit={self.limit})"
 
     @property
     def limit(self) -> int:
@@ -121,12 +111,12 @@ async def test_auto_stage_using_a_database_never_grows_past_its_concurrency() ->
     p = pipeline(Source(source), calls, Auto(min=1, max=64, initial=1))
     running = asyncio.create_task(p.run_async(progress=False))
     try:
-        await calls.until(lambda: calls.limit >= CEILING, running)
+        await calls.until(lambda: calls.limit >= CEILING, running, give_up_after=CALL_BUDGET)
         assert calls.limit == CEILING
         for _ in range(5):
             assert calls.limiter is not None
             calls.limiter.total = CEILING - 1
-            await calls.until(lambda: calls.limit >= CEILING, running)
+            await calls.until(lambda: calls.limit >= CEILING, running, give_up_after=CALL_BUDGET)
             assert calls.limit == CEILING
     finally:
         stop.set()  # the source ends, the run drains, even when the test failed
