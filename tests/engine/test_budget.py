@@ -16,16 +16,23 @@ from pipeline.testing import memory_source
 MB = 10**6
 
 
-class Alive:
-    """Counts items that hold a body: from the stage that makes it to the stage that drops it."""
+class Peak:
+    """A count that goes up and down, and the highest it reached."""
 
     def __init__(self) -> None:
         self.now = 0
         self.peak = 0
 
-    async def grow(self, item: dict[str, Any]) -> dict[str, Any]:
+    def up(self) -> None:
         self.now += 1
         self.peak = max(self.peak, self.now)
+
+
+class Alive(Peak):
+    """Counts items that hold a body: from the stage that makes it to the stage that drops it."""
+
+    async def grow(self, item: dict[str, Any]) -> dict[str, Any]:
+        self.up()
         await asyncio.sleep(0)
         return {**item, "body": bytes(10 * MB)}
 
@@ -35,16 +42,11 @@ class Alive:
         return {"id": item["id"]}
 
 
-class InFlight:
-    """A stage body that counts its attempts in flight, and the most at once."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self.peak = 0
+class InFlight(Peak):
+    """A stage body that counts its attempts in flight."""
 
     async def attempt(self, item: dict[str, Any]) -> dict[str, Any]:
-        self.now += 1
-        self.peak = max(self.peak, self.now)
+        self.up()
         await asyncio.sleep(0)
         self.now -= 1
         return item
