@@ -135,6 +135,8 @@ class BatchStageRun(StageRun):
         self.gathered += len(batch)
         try:
             results = await (self._call(items) if self._estimate is None else self._holding_batch(batch))
+            if type(results) is dict:  # the one type the attempt paths let through unchecked
+                self._check(results)
         except StageMisuse as misuse:
             await self._fail_all(batch, misuse)
             return
@@ -216,6 +218,8 @@ class BatchStageRun(StageRun):
     async def _attempt_alone(self, item: dict[str, Any]) -> Any:
         """One attempt of one item: the callable with a list of one, unwrapped."""
         results = await self._call([item])
+        if type(results) is dict:
+            self._check(results)
         if len(results) != 1:
             raise StageMisuse(
                 f"stage {self.name!r} returned {len(results)} results for a batch of 1 item; return "
