@@ -3,14 +3,17 @@
 Batched by default (``@pipeline.batched``): a batch's queries go to the database as one
 statement, each item's own query, with its own parameters, wrapped and tagged::
 
-    SELECT * FROM (SELECT 0 AS <tag>, q.* FROM (<query>) AS q LIMIT 1) AS b0
+    SELECT 0 AS <tag>, q.* FROM (<query>) AS q
     UNION ALL
-    SELECT * FROM (SELECT 1 AS <tag>, q.* FROM (<query>) AS q LIMIT 1) AS b1 ...
+    SELECT 1 AS <tag>, q.* FROM (<query>) AS q ...
 
 so the database compares each item's values exactly as it would alone (its collation, its
-type conversions): rows are never matched back to items in Python. A batch of one runs the
-query as written. SQLite takes at most 500 members in a compound statement, so a batch is sent
-in statements of at most :data:`_MEMBERS` queries.
+type conversions): rows are never matched back to items in Python. Each item takes the first
+row tagged with its member, as ``fetch_one`` takes the first row of the query alone. (Wrapping
+each member in ``LIMIT 1`` would send fewer rows, but stops MariaDB merging the derived table:
+on a primary-key lookup it made the statement 2.2x slower.) A batch of one runs the query as
+written. SQLite takes at most 500 members in a compound statement, so a batch is sent in
+statements of at most :data:`_MEMBERS` queries.
 """
 
 from __future__ import annotations
@@ -47,8 +50,7 @@ def _batch_sql(query: str, members: int) -> str:
     body = query.strip().rstrip(";").rstrip()
     # The newlines keep a trailing `-- comment` in the query from eating the wrapper.
     return "\nUNION ALL\n".join(
-        f"SELECT * FROM (SELECT {i} AS {_TAG}, q.* FROM (\n{body}\n) AS q LIMIT 1) AS b{i}"
-        for i in range(members)
+        f"SELECT {i} AS {_TAG}, q{i}.* FROM (\n{body}\n) AS q{i}" for i in range(members)
     )
 
 
