@@ -1,12 +1,15 @@
-"""Batched database stages: ``stages.db:write_results`` on MariaDB, batched against per item.
+"""Batched database stages on MariaDB: ``write_results`` and ``lookup``, batched against per item.
 
-Both variants run the same pipeline in this process, side by side: a generator source of
-``rows`` image-like items, then ``write_results`` (the image job's columns) into a table on a
-private MariaDB server (its own data directory, loopback TCP, started here and removed after),
-database concurrency 4. One variant keeps the stage's default batching (``size = 200``, one
-multi-row upsert per batch); the other sets ``batch = false`` (one upsert per item). The table
-is emptied before every run. Reported: items per second (the whole run), and the CPU this
-process spends per item: aiomysql is pure Python, so the per-statement cost is client CPU.
+Both variants of a stage run the same pipeline in this process, side by side, interleaved: a
+generator source of ``rows`` image-like items, then the stage, on a private MariaDB server (its
+own data directory, loopback TCP, started here and removed after), database concurrency 4 and
+stage concurrency 4. One variant keeps the stage's default batching (``size = 200``: one
+multi-row upsert, or one tagged ``UNION ALL`` select, per batch); the other sets ``batch =
+false`` (one statement per item). ``write_results`` writes the image job's columns into a table
+dropped before every run; ``lookup`` reads one row by primary key from a seeded table. Reported:
+items per second (the whole run, pool opening included) and the CPU this process spends per
+item: aiomysql is pure Python, so the per-statement cost is client CPU, which the nightly batch
+needs for its thumbnails.
 
 ``python -m bench.db_batch [--rows N] [--reps N]``; ``make bench`` runs it as section 6.
 """
@@ -26,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._common import Series, log, rotate, timed_cpu
+from bench._common import Series, log, median, rotate, timed_cpu
 
 DATABASE = "bench"
 USER = "bench"
 PASSWORD = "bench-pw"
 VARIANTS = ("batched (size 200)", "per item (batch = false)")
+STAGES = ("write_results", "lookup")
 
 
 @dataclass(frozen=True)
@@ -133,26 +137,42 @@ def rows(n: int) -> Iterator[dict[str, Any]]:
         }
 
 
-def _empty(server: Server) -> None:
+def _admin(server: Server, *statements: str, rows: list[tuple[Any, ...]] | None = None) -> None:
     import pymysql
 
     with pymysql.connect(unix_socket=server.unix_socket, user="root", autocommit=True) as conn:
         with conn.cursor() as cur:
-            cur.execute(f"DROP TABLE IF EXISTS `{DATABASE}`.`results`")
+            for sql in statements:
+                if rows is not None and "%s" in sql:
+                    cur.executemany(sql, rows)
+                else:
+                    cur.execute(sql)
 
 
-def _engine(server: Server, n: int, batched: bool) -> Any:
+def _seed_assets(server: Server, n: int) -> None:
+    _admin(
+        server,
+        f"CREATE TABLE `{DATABASE}`.`assets` (id VARCHAR(32) PRIMARY KEY, owner VARCHAR(64), licence INT)",
+        f"INSERT INTO `{DATABASE}`.`assets` VALUES (%s, %s, %s)",
+        rows=[(f"asset-{i:07d}", f"owner {i % 97}", i % 5) for i in range(n)],
+    )
+
+
+def _engine(server: Server, stage: str, n: int, batched: bool) -> Any:
     from pipeline import Database, Pipeline, Source, Stage
-    from stages.db import write_results
+    from stages.db import lookup, write_results
 
+    options: dict[str, Any] = {"database": "catalog"}
+    if stage == "lookup":
+        options.update(query="SELECT owner, licence FROM assets WHERE id = ?", params=["id"])
     return Pipeline(
         Source(rows, options={"n": n}),
         [
             Stage(
-                write_results,
-                name="record",
+                lookup if stage == "lookup" else write_results,
+                name=stage,
                 concurrency=4,
-                options={"database": "catalog"},
+                options=options,
                 batch=None if batched else False,
             )
         ],
@@ -162,47 +182,55 @@ def _engine(server: Server, n: int, batched: bool) -> Any:
     )
 
 
-def measure(server: Server, *, rows_: int, reps: int) -> dict[str, Series]:
-    """Run both variants ``reps`` times, interleaved; return their series."""
+def measure(server: Server, stage: str, *, rows_: int, reps: int) -> dict[str, Series]:
+    """Run both variants of ``stage`` ``reps`` times, interleaved; return their series."""
     series = {name: Series(name) for name in VARIANTS}
     for rep in range(reps):
         for name in rotate(VARIANTS, rep):
-            pipe = _engine(server, rows_, batched=name == VARIANTS[0])
-            _empty(server)
+            pipe = _engine(server, stage, rows_, batched=name == VARIANTS[0])
+            if stage == "write_results":
+                _admin(server, f"DROP TABLE IF EXISTS `{DATABASE}`.`results`")
 
             def run(pipe: Any = pipe) -> int:
                 report = pipe.run(progress=False, handle_signals=False)
                 if report.items.ok != rows_:
-                    raise RuntimeError(f"{report.items.ok} of {rows_} rows written: {report.error}")
+                    raise RuntimeError(f"{stage}: {report.items.ok} of {rows_} items ok: {report.error}")
                 return rows_
 
             rate, cpu_s, count = timed_cpu(run)
             series[name].rates.append(rate)
             series[name].cpu_ms.append(cpu_s * 1000 / count)
-            log(f"  {name}: {rate:,.0f} rows/s, {cpu_s * 1000 / count:.3f} CPU ms/row")
+            log(f"  {stage}, {name}: {rate:,.0f} items/s, {cpu_s * 1000 / count:.3f} CPU ms/item")
     return series
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Measure and print; return the figures (``make bench`` puts them in results.json)."""
-    parser = argparse.ArgumentParser(prog="bench.db_batch", description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=5000, help="rows per run (default 5000)")
-    parser.add_argument("--reps", type=int, default=3, help="runs per variant (default 3)")
-    args = parser.parse_args(argv)
+def run(*, rows_: int, reps: int) -> dict[str, Any]:
+    """Start the server, measure both stages, stop it; return the figures for results.json."""
     with private_mariadb() as server:
         if server is None:
-            out: dict[str, Any] = {"note": "mariadbd is not installed: skipped"}
             log("db batch: mariadbd is not installed: skipped")
-            return out
-        log(f"db batch: write_results on MariaDB, {args.rows} rows, {args.reps} runs per variant")
-        series = measure(server, rows_=args.rows, reps=args.reps)
-    batched, single = (series[name] for name in VARIANTS)
-    out = {
-        "rows": args.rows,
-        "reps": args.reps,
-        "variants": {name: s.as_json() for name, s in series.items()},
-        "ratio": round(batched.ratio_to(single), 2),
-    }
+            return {"note": "mariadbd is not installed: skipped"}
+        log(f"db batch: write_results and lookup on MariaDB, {rows_} items, {reps} runs per variant")
+        _seed_assets(server, rows_)
+        out: dict[str, Any] = {"rows": rows_, "reps": reps}
+        for stage in STAGES:
+            series = measure(server, stage, rows_=rows_, reps=reps)
+            batched, single = (series[name] for name in VARIANTS)
+            out[stage] = {
+                "variants": {name: s.as_json() for name, s in series.items()},
+                "ratio": round(batched.ratio_to(single), 2),
+                "cpu_ratio": round(median(single.cpu_ms) / median(batched.cpu_ms), 2),
+            }
+        return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure and print the figures as JSON."""
+    parser = argparse.ArgumentParser(prog="bench.db_batch", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5000, help="items per run (default 5000)")
+    parser.add_argument("--reps", type=int, default=3, help="runs per variant (default 3)")
+    args = parser.parse_args(argv)
+    out = run(rows_=args.rows, reps=args.reps)
     print(json.dumps(out, indent=2))
     return out
 
