@@ -476,3 +476,15 @@ def test_pipeline_stages_shows_a_batched_stage_as_such() -> None:
     info = describe_callable("m:score", score)
     assert info.kind == "async (batched)"
     assert info.options == ("scale: float = 1.0",)
+
+
+def test_the_run_page_settings_show_a_stages_batch() -> None:
+    """report.html's settings say how each stage is batched (None when it is not)."""
+    from pipeline._html import describe_settings
+
+    @pipeline.batched(size=50, max_wait=0.25)
+    async def lists(batch: list[Item]) -> list[Item]:
+        return batch
+
+    p = Pipeline(Source(lambda: iter(())), [Stage(lists), Stage(_one)], report_dir=None)
+    assert [s["batch"] for s in describe_settings(p)["stages"]] == ["size 50, max_wait 0.25s", None]
