@@ -8,7 +8,11 @@ of input (``max_wait`` an hour, which pytest-timeout would catch).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +24,7 @@ import pipeline
 from pipeline import Batch, ConfigError, Pipeline, Retry, Skip, Source, Stage, TransientError
 from pipeline._run import Run
 from pipeline.testing import run_stages_async
+from tests.engine.cli import cli_env
 
 Item = dict[str, Any]
 HOUR = 3600.0
@@ -488,3 +493,69 @@ def test_the_run_page_settings_show_a_stages_batch() -> None:
 
     p = Pipeline(Source(lambda: iter(())), [Stage(lists), Stage(_one)], report_dir=None)
     assert [s["batch"] for s in describe_settings(p)["stages"]] == ["size 50, max_wait 0.25s", None]
+
+
+SIGNAL_STAGES = """
+import asyncio
+import pathlib
+
+import pipeline
+
+HERE = pathlib.Path(__file__).parent
+
+
+async def rows():
+    for i in range(5):
+        yield {"id": i}
+    (HERE / "ready").write_text("ready")  # a FIFO: blocks until the test reads it
+    await asyncio.Event().wait()  # the source never ends by itself
+
+
+@pipeline.batched(size=100, max_wait=3600)
+async def gather(items):
+    with open(HERE / "calls.txt", "a") as calls:
+        calls.write(",".join(str(item["id"]) for item in items) + "\\n")
+    return items
+"""
+
+SIGNAL_CONFIG = """
+[pipeline]
+name = "sigbatch"
+report_dir = "runs"
+grace_period = 3600
+
+[source]
+use = "sigbatch:rows"
+
+[[stages]]
+use = "sigbatch:gather"
+"""
+
+
+def test_sigterm_flushes_the_partial_batch_of_a_real_run(tmp_path: Path) -> None:
+    """`pipeline run` and a real SIGTERM: the partial batch (an hour of max_wait and grace left)
+    is handed over at once, every item read ends ok, and the run exits 143."""
+    (tmp_path / "sigbatch.py").write_text(SIGNAL_STAGES)
+    (tmp_path / "config.toml").write_text(SIGNAL_CONFIG)
+    os.mkfifo(tmp_path / "ready")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "config.toml", "--report", "r.json", "--no-progress"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert (tmp_path / "ready").read_text() == "ready"  # blocks until the source has read 5
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "interrupted"
+    assert report["items"] == {"read": 5, "ok": 5, "failed": 0, "skipped": 0, "unfinished": 0}
+    assert (tmp_path / "calls.txt").read_text() == "0,1,2,3,4\n"
