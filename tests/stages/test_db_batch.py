@@ -129,22 +129,20 @@ async def test_write_results_batched_or_not_ends_every_item_the_same_way(backend
 async def test_write_results_fails_only_the_item_without_its_key_and_writes_the_rest(
     backend: Catalog,
 ) -> None:
-    """An item missing key_field is an error in its place: the others go in the same statement."""
-    items = [image_item(i) for i in range(5)]
-    items[2] = {"id": 2, "outputs": []}
-    harness_items = [dict(item) for item in items]
+    """An item missing key_field gets its ValueError in its place; the others are written by the
+    same call."""
+    batch = [{"asset": "a", "outputs": []}, {"id": 1}, {"asset": "c", "outputs": []}]
     async with Harness(run_id="run-1") as h:
         h.add_database(backend.dsn)
-        async with write_results(h.context("record", batch=Batch()), database="catalog", key_field="id") as w:
-            ok = await w(harness_items)
         async with write_results(
-            h.context("other", batch=Batch()), database="catalog", key_field="sha256"
-        ) as by_sha:
-            results = await by_sha([{"sha256": "x"}, {"id": 1}])
-    assert ok == harness_items  # the item without width still has its key
-    assert results[0] == {"sha256": "x"}
+            h.context("record", batch=Batch()), database="catalog", key_field="asset", columns={}
+        ) as write:
+            results = await write(batch)
+    assert results[0] is batch[0]
+    assert results[2] is batch[2]
     assert isinstance(results[1], ValueError)
-    assert "needs the item's key in field 'sha256'" in str(results[1])
+    assert "needs the item's key in field 'asset'" in str(results[1])
+    assert sorted(_rows(backend)) == ["a", "c"]
 
 
 CATALOG = "CREATE TABLE catalog (id INTEGER PRIMARY KEY, name VARCHAR(64) NOT NULL, url VARCHAR(255))"
@@ -238,3 +236,14 @@ async def test_lookup_a_batch_larger_than_a_statement_goes_in_several(tmp_path: 
     assert all(item["name"] == f"image {item['ref']}" for item in result.outputs)
     assert result.report.stages[0].batch is not None
     assert result.report.stages[0].batch["calls"] == 1
+
+
+async def test_write_results_the_last_of_two_rows_with_one_key_wins_in_a_batch(backend: Catalog) -> None:
+    """Two items with one key in a batch leave the second's row, as two writes one after the other do."""
+    async with Harness(run_id="run-1") as h:
+        h.add_database(backend.dsn)
+        async with write_results(h.context("record", batch=Batch()), database="catalog") as write:
+            await write([{**image_item(1), "width": 1}, {**image_item(1), "width": 2}, image_item(2)])
+    rows = _rows(backend)
+    assert sorted(rows) == ["1", "2"]
+    assert rows["1"][2] == 2  # status, outputs, width, ...
