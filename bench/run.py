@@ -8,7 +8,9 @@
 3. peak RSS with 10^4 rows against 10^6;
 4. start-up: ``pipeline --help`` and ``import pipeline``;
 5. adaptive limits (``concurrency = "auto"``) against fixed caps, simulated and on loopback
-   servers, with the limit traces drawn in ``bench/adaptive.png``.
+   servers, with the limit traces drawn in ``bench/adaptive.png``;
+6. batched database stages: ``write_results`` and ``lookup`` on a private MariaDB server,
+   batched against one statement per item.
 
 Each figure that matters is a ratio of two measurements taken side by side in this run (the
 variants interleaved, the median of the per-repeat ratios), so a busy machine moves both sides.
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["overhead", "images", "memory", "startup", "adaptive", "limiter"],
+        choices=["overhead", "images", "memory", "startup", "adaptive", "limiter", "db"],
         help="run only this section (repeatable)",
     )
     parser.add_argument("--images", type=int, default=200, help="items in the image batch (default 200)")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench._common import Series, cores, log, median
 
     args = _parser().parse_args(argv)
-    sections = set(args.only or ["overhead", "images", "memory", "startup", "adaptive", "limiter"])
+    sections = set(args.only or ["overhead", "images", "memory", "startup", "adaptive", "limiter", "db"])
     quick = args.quick
     console = Console(width=None if sys.stdout.isatty() else 120)
     results: dict[str, Any] = {
@@ -293,6 +295,40 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(
                     _target(f"simulated: auto / best fixed cap ({name})", r["auto_vs_best"], ">=", 0.9)
                 )
+
+    if "db" in sections:
+        from bench import db_batch
+
+        n = 1000 if quick else 5000
+        out = db_batch.run(rows_=n, reps=1 if quick else 3)
+        results["db_batch"] = out
+        if "note" in out:
+            console.print(f"6. batched database stages: {out['note']}")
+        else:
+            table = Table(
+                title=f"6. batched database stages on MariaDB: {n:,} items, concurrency 4, batch size 200",
+                title_justify="left",
+            )
+            for col in (
+                "stage",
+                *db_batch.VARIANTS,
+                "batched / per item",
+                "CPU ms/item, batched / per item",
+                "CPU per item / batched",
+            ):
+                table.add_column(col, justify="left" if col == "stage" else "right")
+            for stage in db_batch.STAGES:
+                row = out[stage]
+                batched, single = (row["variants"][name] for name in db_batch.VARIANTS)
+                table.add_row(
+                    stage,
+                    f"{batched['median_items_per_s']:,.0f} items/s",
+                    f"{single['median_items_per_s']:,.0f} items/s",
+                    f"{row['ratio']:.2f}x",
+                    f"{batched['cpu_ms_per_item']:.2f} / {single['cpu_ms_per_item']:.2f}",
+                    f"{row['cpu_ratio']:.1f}x",
+                )
+            console.print(table)
 
     if targets:
         table = Table(title="targets", title_justify="left")

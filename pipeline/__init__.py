@@ -7,7 +7,8 @@ checks it with import-linter)::
     _logs         the run's log context (its id) and the JSON log format
     _limiter      CapacityLimiter: a resizable cap, the one primitive every limit is built on
     _budget       the memory budget: items weighed by the bytes they hold, admission held
-    _contract     the stage contract: Item, Context, DatabaseHandle, @factory, @cpu_bound
+    _contract     the stage contract: Item, Context, DatabaseHandle, Batch, @factory, @batched,
+                  @cpu_bound
     _adaptive     Auto and the controllers behind concurrency = "auto"
     _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
     _report       statistics, RunReport, dead letters (written and grouped), bottleneck advice
@@ -17,6 +18,7 @@ checks it with import-linter)::
     _timeline     the snapshot sampled about once a second while the run goes on (timeline.json)
     _tickets      every item's ticket and the tally that ends each exactly once
     _stage        one stage at run time: its workers, the one attempt path, retries, pauses
+    _batch        a batched stage at run time: items gathered into calls, each ended on its own
     _threads      the run's dedicated thread pool
     _feed         the source read in batches: key checks, resume lookups, watermark
     _html         report.html from a run directory's files: matplotlib charts, inline SVG
@@ -38,7 +40,17 @@ import dataclasses
 import os
 
 from ._adaptive import Auto
-from ._contract import Context, DatabaseHandle, Item, UsesDatabase, cpu_bound, factory, weighs
+from ._contract import (
+    Batch,
+    Context,
+    DatabaseHandle,
+    Item,
+    UsesDatabase,
+    batched,
+    cpu_bound,
+    factory,
+    weighs,
+)
 from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
 from ._exceptions import (
     ConfigError,
@@ -70,6 +82,7 @@ from ._run import run, run_async
 
 __all__ = [
     "Auto",
+    "Batch",
     "BufferedLedger",
     "CapacityLimiter",
     "ConfigError",
@@ -103,6 +116,7 @@ __all__ = [
     "StageTimeout",
     "TransientError",
     "UsesDatabase",
+    "batched",
     "cpu_bound",
     "encode_key",
     "factory",

@@ -6,8 +6,9 @@ the bad value and the fix, before anything runs. The shape::
     [pipeline]                 name, queue_size, grace_period, max_failures, report_dir, ledger, ...
     [databases.<name>]         dsn, concurrency (the one cap shared by every stage using it)
     [source]                   use = "module:callable", key, then the source's own options
-    [[stages]]                 use, name, concurrency, queue_size, timeout, retry, kind,
-                               then the stage's own options (checked against its signature)
+    [[stages]]                 use, name, concurrency, queue_size, timeout, retry, kind, rate,
+                               always, batch, then the stage's own options (checked against
+                               its signature)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pydantic import (
 )
 
 from ._adaptive import Auto
+from ._contract import Batch, batch_of
 from ._definition import Database, LedgerStore, Retry, Source, Stage
 from ._exceptions import ConfigError
 from ._pipeline import Pipeline
@@ -98,6 +100,12 @@ class _AutoTable(BaseModel):
     algorithm: Literal["gradient", "throughput"] | None = None
 
 
+class _BatchTable(BaseModel):
+    model_config = _STRICT
+    size: int | None = Field(None, ge=1)
+    max_wait: float | None = Field(None, ge=0)
+
+
 class _SourceTable(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     use: str
@@ -116,6 +124,16 @@ class _StageTable(BaseModel):
     kind: Literal["async", "thread"] | None = None
     rate: str | None = None
     always: bool = False
+    batch: _BatchTable | Literal[False] | None = None
+
+    @field_validator("batch", mode="wrap")
+    @classmethod
+    def _one_batch_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, dict):
+            return _table(_BatchTable, value, "batch")
+        if value is False:
+            return handler(value)
+        raise ValueError(f"must be a table such as {{ size = 200, max_wait = 0.5 }}, or false; got {value!r}")
 
     @field_validator("concurrency", mode="wrap")
     @classmethod
@@ -345,6 +363,15 @@ def load_config(path: str | os.PathLike[str]) -> Pipeline:
             concurrency = Auto(min=c.min, max=c.max, initial=c.initial, algorithm=c.algorithm)
         else:
             concurrency = table.concurrency
+        batch: Batch | Literal[False] | None = None
+        if isinstance(table.batch, _BatchTable):
+            # Keys left out keep the callable's own defaults (@pipeline.batched).
+            base = batch_of(fn) or Batch()
+            size = base.size if table.batch.size is None else table.batch.size
+            max_wait = base.max_wait if table.batch.max_wait is None else table.batch.max_wait
+            batch = Batch(size=size, max_wait=max_wait)
+        elif table.batch is False:
+            batch = False
         try:
             stages.append(
                 Stage(
@@ -358,6 +385,7 @@ def load_config(path: str | os.PathLike[str]) -> Pipeline:
                     retry=retry,
                     options=dict(table.model_extra or {}),
                     kind=table.kind,
+                    batch=batch,
                 )
             )
         except ConfigError as exc:

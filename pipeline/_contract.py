@@ -9,7 +9,13 @@ A **stage** is one of:
 * an async or sync generator function yielding items: fan-out, one item in, any number out;
 * a :func:`factory`: ``factory(ctx, **options)`` returns an async context manager whose value is
   one of the above. The engine enters it before the stage's first item and exits it after the
-  last, even when the run fails. That is the place for sessions, pools and files.
+  last, even when the run fails. That is the place for sessions, pools and files;
+* a **batched** stage (:func:`batched`, or ``batch = { size, max_wait }`` on a callable marked
+  so): ``stage(items, **options) -> results`` takes a list of up to ``size`` items and returns
+  one result per item, in order. A result is the item for the next stage, or an exception
+  instance that ends that item alone as if it had raised it (:class:`~pipeline.Skip` skips it;
+  a retryable error retries it alone). If the call raises, its items run again one by one, each
+  as a list of one: that isolates the item at fault, it is not a retry.
 
 A **source** is a callable taking its options as keyword arguments and returning an iterable or
 async iterable of dicts (a generator function is the usual shape), or a :func:`factory` whose
@@ -36,11 +42,14 @@ from ._exceptions import ConfigError
 from ._limiter import CapacityLimiter
 
 __all__ = [
+    "Batch",
     "Context",
     "DatabaseHandle",
     "UsesDatabase",
     "Item",
     "SharedResources",
+    "batch_of",
+    "batched",
     "cpu_bound",
     "describe",
     "estimate_of",
@@ -97,6 +106,36 @@ class UsesDatabase:
     check: Callable[[str, str, Mapping[str, Any]], None] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """How a batched stage is handed its items (TOML ``batch = { size = 200, max_wait = 0.5 }``).
+
+    The engine gathers up to ``size`` items from the stage's queue into one call; it calls with
+    fewer when ``max_wait`` seconds have passed since the first item of the batch arrived, or
+    when the input ends (a stop included: a partial batch is flushed, never dropped).
+
+    Attributes:
+        size: The most items in one call (>= 1).
+        max_wait: Seconds a partial batch waits for more items (>= 0; 0 takes what is queued).
+    """
+
+    size: int = 100
+    max_wait: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(
+                f"must be an integer >= 1 (the most items one call takes), got {self.size!r}",
+                location="batch.size",
+            )
+        wait = self.max_wait
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < float("inf"):
+            raise ConfigError(
+                f"must be a number of seconds >= 0 (how long a partial batch waits), got {wait!r}",
+                location="batch.max_wait",
+            )
+
+
 class SharedResources:
     """Run-scoped resources, opened on first use and closed together at the end of the run."""
 
@@ -126,6 +165,9 @@ class Context:
         timeout: The stage's ``timeout`` (seconds one attempt may take), or ``None``. A thread
             stage cannot be cancelled: give its calls a deadline of their own within this, or
             a timed-out call keeps its slot until it returns.
+        batch: The stage's :class:`Batch` when it runs batched, else ``None``. A
+            :func:`batched` factory yields a callable taking a list of items when this is set,
+            and one taking an item when it is not (``batch = false``).
     """
 
     def __init__(
@@ -140,9 +182,11 @@ class Context:
         pause: Callable[[float], None] | None = None,
         max_concurrency: int | None = None,
         timeout: float | None = None,
+        batch: Batch | None = None,
     ):
         self.pipeline = pipeline
         self.timeout = timeout
+        self.batch = batch
         self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
         self.ceiling: int | None = None
         """The lowest hard ceiling declared with :meth:`cap_at` (or by :meth:`database`)."""
@@ -259,6 +303,39 @@ def cpu_bound(fn: F) -> F:
     """
     fn.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
     return fn
+
+
+def batched(*, size: int = 100, max_wait: float = 0.5) -> Callable[[F], F]:
+    """Mark a stage callable (or factory) as batched, with its default :class:`Batch`.
+
+    A plain callable then takes a list of up to ``size`` items and returns one result per item,
+    in order (the item, or an exception instance for that item alone); a stage's ``batch`` table
+    in the config overrides ``size`` and ``max_wait``::
+
+        @pipeline.batched(size=200, max_wait=0.5)
+        async def score(items):
+            scores = await model.predict([item["text"] for item in items])
+            return [{**item, "score": s} for item, s in zip(items, scores)]
+
+    A factory marked so reads ``ctx.batch``: a :class:`Batch` (yield the batch callable) or
+    ``None`` when the config says ``batch = false`` (yield a per-item callable).
+
+    Raises:
+        ConfigError: ``size`` or ``max_wait`` is out of range.
+    """
+    default = Batch(size=size, max_wait=max_wait)
+
+    def mark(fn: F) -> F:
+        fn.__pipeline_batch__ = default  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def batch_of(fn: object) -> Batch | None:
+    """The default :class:`Batch` ``fn`` declared with :func:`batched`, or ``None``."""
+    batch: Batch | None = getattr(fn, "__pipeline_batch__", None)
+    return batch
 
 
 def weighs(estimate: Callable[[Item], int]) -> Callable[[F], F]:

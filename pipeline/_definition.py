@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from ._adaptive import Auto, check_cap
 from ._budget import parse_size
-from ._contract import DatabaseHandle, Kind, UsesDatabase, describe, is_factory, stage_kind
+from ._contract import Batch, DatabaseHandle, Kind, UsesDatabase, batch_of, describe, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
 from ._limiter import CapacityLimiter
 
@@ -300,6 +300,11 @@ class Stage:
         always: This stage also receives the items that failed or were skipped upstream, with
             ``status`` (``"failed"`` or ``"skipped"``), ``error`` and ``failed_stage`` set, so it
             can record them (a results table). They still count as failed or skipped.
+        batch: A :class:`~pipeline.Batch` to hand ``fn`` lists of items, ``False`` to run a
+            :func:`~pipeline.batched` factory one item at a time, or ``None`` (the default) for
+            what ``fn`` declares with :func:`~pipeline.batched`. Only a callable marked
+            batched takes lists. When batched, ``concurrency`` counts calls (batches) in flight
+            and ``timeout`` and ``rate`` apply per call.
     """
 
     fn: Callable[..., Any]
@@ -312,6 +317,7 @@ class Stage:
     kind: Literal["async", "thread"] | None = None
     rate: str | None = None
     always: bool = False
+    batch: Batch | Literal[False] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -336,11 +342,54 @@ class Stage:
             raise ConfigError(f"stage {self.name!r}: timeout must be > 0 seconds, got {self.timeout!r}")
         if not is_factory(self.fn):
             self.check_kind(stage_kind(self.fn))
+        self._resolve_batch()
         object.__setattr__(
             self,
             "options",
             validate_options(self.fn, self.options, skip_first=True, engine_keys=_STAGE_KEYS),
         )
+
+    def _resolve_batch(self) -> None:
+        """Settle ``batch`` to a :class:`Batch` or ``False`` (so ``dataclasses.replace`` keeps it)."""
+        declared = batch_of(self.fn)
+        batch = declared if self.batch is None else self.batch
+        if batch is None:
+            batch = False
+        elif batch is not False and not isinstance(batch, Batch):
+            raise ConfigError(
+                f"stage {self.name!r}: batch must be a pipeline.Batch, false or absent, got {batch!r}",
+                location="batch",
+            )
+        if batch is not False and declared is None:
+            raise ConfigError(
+                f"stage {self.name!r}: batch is set, but {describe(self.fn)} takes one item; mark it "
+                "@pipeline.batched (it then takes a list of items and returns one result per item), "
+                "or remove batch",
+                location="batch",
+            )
+        if batch is False and declared is not None and not is_factory(self.fn):
+            raise ConfigError(
+                f"stage {self.name!r}: batch = false, but {describe(self.fn)} takes a list of items "
+                "(@pipeline.batched), so it cannot be handed one item; remove batch = false, or set "
+                "batch = { size = 1 } for one item per call",
+                location="batch",
+            )
+        if (
+            batch is not False
+            and not is_factory(self.fn)
+            and stage_kind(self.fn) in ("async-gen", "thread-gen")
+        ):
+            raise ConfigError(
+                f"stage {self.name!r}: {describe(self.fn)} is a generator, which cannot be batched "
+                "(a batched stage returns one result per item); make it return a list",
+                location="batch",
+            )
+        object.__setattr__(self, "batch", batch)
+
+    @property
+    def batching(self) -> Batch | None:
+        """The stage's :class:`Batch`, or ``None`` when it takes one item per call."""
+        return self.batch or None
 
     @property
     def auto(self) -> Auto | None:

@@ -84,6 +84,7 @@ def describe_settings(pipeline: PipelineDefinition) -> dict[str, Any]:
                 "retry": f"{s.retry.attempts} attempts, backoff {s.retry.backoff}s..{s.retry.max_backoff}s",
                 "rate": s.rate,
                 "always": s.always,
+                "batch": f"size {b.size}, max_wait {b.max_wait:g}s" if (b := s.batching) else None,
                 "options": options(s.options),
             }
             for s in pipeline.stages

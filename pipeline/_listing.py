@@ -7,7 +7,7 @@ factory's per-item kind is only known once it is opened, so it shows as ``factor
 Kinds: ``async`` and ``thread`` (and ``async-gen`` / ``thread-gen`` for fan-out) for a stage
 callable; ``factory`` for a stage factory; ``source`` for a source (plain or factory);
 ``ledger`` for a ledger factory; ``helper`` for a public function that is not a stage (shown
-only when a module is named).
+only when a module is named). A stage marked ``@pipeline.batched`` adds `` (batched)``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import public_callables
-from ._contract import is_factory, stage_kind
+from ._contract import batch_of, is_factory, stage_kind
 
 __all__ = ["BUILTIN_MODULES", "StageInfo", "describe_module", "main", "option_text", "type_text"]
 
@@ -54,7 +54,7 @@ class StageInfo:
     Attributes:
         use: What a config's ``use`` names it: ``module:name``.
         kind: ``async``, ``thread``, ``async-gen``, ``thread-gen``, ``factory``, ``source``,
-            ``ledger`` or ``helper``.
+            ``ledger`` or ``helper``; `` (batched)`` follows a stage's kind when it takes lists.
         options: One ``name: type (constraints) = default`` line per option.
         summary: The first line of its docstring.
     """
@@ -192,8 +192,11 @@ def describe_callable(use: str, fn: Callable[..., Any]) -> StageInfo:
         return StageInfo(use, "factory" if is_factory(fn) else stage_kind(fn), ("(no signature)",), summary)
     params = list(sig.parameters.values())
     positional = _positional(params)
+    batched = batch_of(fn) is not None
     if is_factory(fn):
         kind, options = _factory_kind(sig.return_annotation), params[1:]
+    elif batched and len(positional) == 1:  # takes a list of items
+        kind, options = stage_kind(fn), params[1:]
     elif not positional:
         kind, options = "source", params
     elif len(positional) == 1 and _returns_item(sig.return_annotation):
@@ -205,6 +208,8 @@ def describe_callable(use: str, fn: Callable[..., Any]) -> StageInfo:
         shown_text = (*map(option_text, shown), "**options: any")
     else:
         shown_text = tuple(map(option_text, shown))
+    if batched and kind != "helper":
+        kind = f"{kind} (batched)"
     return StageInfo(use, kind, shown_text, summary)
 
 

@@ -101,6 +101,10 @@ class StageReport:
         limit_trace: For ``concurrency = "auto"``: ``[seconds since start, cap]`` at each change.
         abandoned_calls: The most thread calls at once that outlived their attempt (a timeout,
             a stop) and kept their slot until their thread returned.
+        batch: For a batched stage: its ``size`` and ``max_wait``, the ``calls`` made with a
+            gathered batch, their ``mean_size``, and the items ``isolated`` (run again alone
+            because their batch raised). Its latency, busy ratio and in-flight figures are per
+            call; ok, failed, skipped and retries are per item.
     """
 
     name: str
@@ -116,6 +120,7 @@ class StageReport:
     blocked_s: float
     limit_trace: list[tuple[float, int]] = field(default_factory=list)
     abandoned_calls: int = 0
+    batch: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

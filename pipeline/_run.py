@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ._adaptive import Auto
+from ._batch import BatchStageRun
 from ._budget import MemoryBudget, return_freed_memory
-from ._contract import Context, SharedResources, describe, is_factory, stage_kind, workload
+from ._contract import Batch, Context, SharedResources, describe, is_factory, stage_kind, workload
 from ._definition import LedgerStore, PipelineDefinition
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
@@ -384,6 +385,7 @@ class Run:
                     functools.partial(self._pause, i),
                     spec.max_concurrency,
                     timeout=spec.timeout,
+                    batch=spec.batching,
                 )
                 fn = await _open(stack, spec.fn(ctx, **spec.options), f"stage {spec.name!r}")
                 if not callable(fn):
@@ -397,7 +399,7 @@ class Run:
                 kind = stage_kind(fn)
                 if spec.options:
                     fn = functools.partial(fn, **spec.options)
-            stage = StageRun(
+            stage = (BatchStageRun if spec.batching else StageRun)(
                 spec,
                 fn,
                 kind,
@@ -433,6 +435,7 @@ class Run:
         max_concurrency: int | None = None,
         *,
         timeout: float | None = None,
+        batch: Batch | None = None,
     ) -> Context:
         return Context(
             pipeline=self.pipeline.name,
@@ -444,6 +447,7 @@ class Run:
             pause=pause,
             max_concurrency=max_concurrency,
             timeout=timeout,
+            batch=batch,
         )
 
     # -- stopping ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._contract import Context, DatabaseHandle, Item, SharedResources
+from ._contract import Batch, Context, DatabaseHandle, Item, SharedResources
 from ._definition import Database, Source, Stage
 from ._limiter import CapacityLimiter
 from ._pipeline import Pipeline
@@ -154,8 +154,11 @@ class Harness:
         self.databases[name] = handle
         return handle
 
-    def context(self, stage: str = "stage", *, concurrency: int | None = None) -> Context:
-        """The Context the run hands ``stage``'s factory (the source's is ``"source"``)."""
+    def context(
+        self, stage: str = "stage", *, concurrency: int | None = None, batch: Batch | None = None
+    ) -> Context:
+        """The Context the run hands ``stage``'s factory (the source's is ``"source"``); with
+        ``batch``, the one a batched stage's factory gets (``ctx.batch``)."""
         cap = concurrency or self.concurrency
         return Context(
             pipeline=self.pipeline,
@@ -164,6 +167,7 @@ class Harness:
             limiter=CapacityLimiter(cap, name=f"stage {stage!r}"),
             databases=self.databases,
             shared=self._shared,
+            batch=batch,
         )
 
     async def aclose(self) -> None:

@@ -56,3 +56,28 @@ def test_python_api_example_runs(tmp_path: Path, monkeypatch: object) -> None:
     report = namespace["report"]
     assert report.items.read == 100  # type: ignore[attr-defined]
     assert report.items.ok == 100  # type: ignore[attr-defined]
+
+
+def test_batched_stage_example_runs() -> None:
+    """The 'Batched stages' example runs through the engine, its items in lists, one result each."""
+    from pipeline import Stage
+    from pipeline.testing import run_stages
+
+    class Model:
+        """Scores a text by its length, a whole list per call."""
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        async def predict(self, texts: list[str]) -> list[int]:
+            self.calls.append(len(texts))
+            return [len(text) for text in texts]
+
+    model = Model()
+    namespace: dict[str, object] = {"model": model}
+    exec(_named("python", "my_batched.py"), namespace)
+    result = run_stages([{"id": i, "text": "x" * i} for i in range(450)], Stage(namespace["score"]))  # type: ignore[arg-type]
+    assert result.report.items.ok == 450
+    assert sorted((item["id"], item["score"]) for item in result.outputs) == [(i, i) for i in range(450)]
+    assert max(model.calls) <= 200
+    assert sum(model.calls) == 450

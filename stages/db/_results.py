@@ -1,4 +1,10 @@
-"""The ``write_results`` stage: one upserted row per item, its outcome and the job's columns."""
+"""The ``write_results`` stage: one upserted row per item, its outcome and the job's columns.
+
+Batched by default (``@pipeline.batched``): a batch's rows go in one multi-row upsert, in one
+transaction (``executemany``, which the MySQL driver sends as one ``INSERT ... VALUES (...),
+(...) ON DUPLICATE KEY UPDATE``). An item alone (``batch = false``, or the engine running the
+items of a failed batch one by one) is written exactly as before, with the same messages.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, ConfigDict, with_config
 from typing_extensions import TypedDict  # pydantic reads a TypedDict only from here on 3.11
 
-from pipeline import Context, Item, factory
+from pipeline import Context, Item, batched, factory
 
 from .._options import Flag, Identifier, PositiveInt
 from ._database import DatabaseName, shared_database
@@ -171,6 +177,7 @@ def _error_text(item: Item) -> str | None:
     return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 3] + "..."
 
 
+@batched(size=200, max_wait=0.5)
 @factory
 @contextlib.asynccontextmanager
 async def write_results(
@@ -181,8 +188,13 @@ async def write_results(
     create_table: Flag = True,
     key_field: str = "id",
     columns: ResultColumns = _IMAGE_COLUMNS,
-) -> AsyncIterator[Callable[[Item], Coroutine[Any, Any, Item]]]:
+) -> AsyncIterator[Callable[[Any], Coroutine[Any, Any, Any]]]:
     """Stage: upsert one row per item into ``table`` and pass the item on.
+
+    Batched by default (``batch = { size = 200, max_wait = 0.5 }``): the rows of a batch are
+    one multi-row upsert in one transaction. If it fails (a value that does not fit a column,
+    say), the engine writes the batch's items one by one, so only the bad one fails, with the
+    message it would have had alone. ``batch = false`` writes one statement per item.
 
     The row is ``key`` (``str(item[key_field])``, any length, compared byte for byte: "abc" and
     "ABC", "a" and "a " are two rows), ``status``, ``outputs``
@@ -247,7 +259,7 @@ async def write_results(
     fields = tuple((spec.get("field", name), spec.get("type") == "json") for name, spec in columns.items())
     run_id = ctx.run_id
 
-    async def run(item: Item) -> Item:
+    def row_of(item: Item) -> tuple[Any, ...]:
         try:
             key = item[key_field]
         except KeyError:
@@ -269,8 +281,25 @@ async def write_results(
         for name, as_json in fields:
             value = item.get(name)
             job.append(json.dumps(value) if as_json and value is not None else value)
-        row = (str(key), status, outputs_json, *job, error, run_id, updated_at)
-        await db.execute(sql, row, action=f"writing the result row to {table!r}")
+        return (str(key), status, outputs_json, *job, error, run_id, updated_at)
+
+    async def run(item: Item) -> Item:
+        await db.execute(sql, row_of(item), action=f"writing the result row to {table!r}")
         return item
 
-    yield run
+    async def run_batch(items: list[Item]) -> list[Item | Exception]:
+        if len(items) == 1:  # an item alone: exactly what the unbatched stage does
+            return [await run(items[0])]
+        rows: list[tuple[Any, ...]] = []
+        results: list[Item | Exception] = []
+        for item in items:
+            try:
+                rows.append(row_of(item))
+            except Exception as exc:  # this item's own fault: it fails alone, the rest are written
+                results.append(exc)
+            else:
+                results.append(item)
+        await db.execute_many(sql, rows, action=f"writing {len(rows)} result rows to {table!r}")
+        return results
+
+    yield run if ctx.batch is None else run_batch
