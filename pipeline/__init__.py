@@ -5,6 +5,7 @@ checks it with import-linter)::
 
     _exceptions   the error hierarchy, plus Skip / TransientError / RetryAfter that stages raise
     _logs         the run's log context (its id) and the JSON log format
+    _shard        Shard (K of N, by crc32 of the encoded key) and each shard's part of a run-wide cap
     _limiter      CapacityLimiter: a resizable cap, the one primitive every limit is built on
     _budget       the memory budget: items weighed by the bytes they hold, admission held
     _contract     the stage contract: Item, Context, DatabaseHandle, @factory, @cpu_bound
@@ -38,7 +39,7 @@ import dataclasses
 import os
 
 from ._adaptive import Auto
-from ._contract import Context, DatabaseHandle, Item, UsesDatabase, cpu_bound, factory, weighs
+from ._contract import Context, DatabaseHandle, Item, UsesDatabase, cpu_bound, factory, shards_itself, weighs
 from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
 from ._exceptions import (
     ConfigError,
@@ -67,6 +68,7 @@ from ._limiter import CapacityLimiter, LimiterStatistics
 from ._pipeline import Pipeline
 from ._report import ItemCounts, RunReport, StageReport
 from ._run import run, run_async
+from ._shard import Shard
 
 __all__ = [
     "Auto",
@@ -93,6 +95,7 @@ __all__ = [
     "LEDGER_RUNS",
     "RunLedger",
     "RunReport",
+    "Shard",
     "Skip",
     "Source",
     "SourceError",
@@ -110,6 +113,7 @@ __all__ = [
     "parse_rate",
     "run",
     "run_async",
+    "shards_itself",
     "weighs",
 ]
 

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 
 from ._exceptions import ConfigError
 from ._limiter import CapacityLimiter
+from ._shard import Shard
 
 __all__ = [
     "Context",
@@ -46,6 +47,8 @@ __all__ = [
     "estimate_of",
     "factory",
     "is_factory",
+    "shards_itself",
+    "shards_source",
     "stage_kind",
     "weighs",
     "workload",
@@ -126,6 +129,8 @@ class Context:
         timeout: The stage's ``timeout`` (seconds one attempt may take), or ``None``. A thread
             stage cannot be cancelled: give its calls a deadline of their own within this, or
             a timed-out call keeps its slot until it returns.
+        shard: The :class:`~pipeline.Shard` this process runs (``--shard K/N``), or ``None`` for
+            a whole run. A source marked :func:`shards_itself` yields only the items it owns.
     """
 
     def __init__(
@@ -140,8 +145,10 @@ class Context:
         pause: Callable[[float], None] | None = None,
         max_concurrency: int | None = None,
         timeout: float | None = None,
+        shard: Shard | None = None,
     ):
         self.pipeline = pipeline
+        self.shard = shard
         self.timeout = timeout
         self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
         self.ceiling: int | None = None
@@ -259,6 +266,38 @@ def cpu_bound(fn: F) -> F:
     """
     fn.__pipeline_workload__ = "cpu"  # type: ignore[attr-defined]
     return fn
+
+
+def shards_itself(fn: F) -> F:
+    """Mark a source :func:`factory` as filtering by shard itself (pushed down into its query).
+
+    When a run is sharded, the engine hands the source its shard as ``ctx.shard`` either way;
+    a marked source must then yield only the items whose encoded key the shard owns
+    (:meth:`pipeline.Shard.owns`, or a query computing the same ``crc32``), and the engine does
+    not look again. An unmarked source yields every item, and the engine drops the ones
+    another shard owns, after reading them. ``stages.db:read_rows`` is marked::
+
+        @pipeline.shards_itself
+        @pipeline.factory
+        @contextlib.asynccontextmanager
+        async def rows(ctx: pipeline.Context):
+            ...  # WHERE CRC32(CAST(id AS CHAR)) % {ctx.shard.count} = {ctx.shard.index}
+
+    Raises:
+        ConfigError: ``fn`` is not a factory (a plain source has no context to get its shard from).
+    """
+    if not is_factory(fn):
+        raise ConfigError(
+            f"{describe(fn)} is marked @pipeline.shards_itself but is not a @pipeline.factory; "
+            "only a factory gets ctx.shard. Make it a factory, or drop the mark to let the engine filter"
+        )
+    fn.__pipeline_shards_itself__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def shards_source(fn: object) -> bool:
+    """Whether ``fn`` was marked with :func:`shards_itself`."""
+    return bool(getattr(fn, "__pipeline_shards_itself__", False))
 
 
 def weighs(estimate: Callable[[Item], int]) -> Callable[[F], F]:

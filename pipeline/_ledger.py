@@ -272,6 +272,8 @@ class LedgerSQL:
 
 def encode_key(key: object) -> str:
     """Keys are stored as JSON, so 42 and "42" stay distinct."""
+    if type(key) is int:  # the usual key, and json.dumps(42) == str(42): 5x faster
+        return str(key)
     return json.dumps(key, sort_keys=True, default=str)
 
 

@@ -34,8 +34,8 @@ from typing import Any
 
 from ._adaptive import Auto
 from ._budget import MemoryBudget, return_freed_memory
-from ._contract import Context, SharedResources, describe, is_factory, stage_kind, workload
-from ._definition import LedgerStore, PipelineDefinition
+from ._contract import Context, SharedResources, describe, is_factory, shards_source, stage_kind, workload
+from ._definition import LedgerStore, PipelineDefinition, for_shard
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
 from ._html import REPORT_HTML, TIMELINE_JSON, describe_settings, write_report_html
@@ -44,6 +44,7 @@ from ._limiter import CapacityLimiter
 from ._logs import run_id_context
 from ._progress import RunSnapshot, open_progress
 from ._report import DeadLetterWriter, ItemCounts, RunReport, find_bottleneck, utc_now
+from ._shard import Shard, check_parallel
 from ._stage import StageRun
 from ._threads import installed, open_executor, shutdown
 from ._tickets import Tally
@@ -69,6 +70,8 @@ async def run_async(
     handle_signals: bool = False,
     retry_failed: bool = False,
     only_failed: bool = False,
+    shard: Shard | None = None,
+    parallel: int | None = None,
 ) -> RunReport:
     """Run ``pipeline`` on the running event loop and return its report.
 
@@ -83,6 +86,10 @@ async def run_async(
         retry_failed: On a rerun of ``run_id``, take the items that failed again too.
         only_failed: On a rerun of ``run_id``, take only the items that failed (``pipeline
             retry``); refused if the ledger has none.
+        shard: Run only this shard of the run (``--shard K/N``): the items it owns, under the
+            same run id and ledger as the other shards. ``None`` runs them all.
+        parallel: How many shards of the run run at once (default: all of them); each takes
+            its share of every database's ``concurrency`` and every stage's ``rate``.
 
     Raises:
         PipelineError: The run failed (a config error, the source, a resource). Any error that
@@ -97,6 +104,8 @@ async def run_async(
         progress=progress,
         retry_failed=retry_failed,
         only_failed=only_failed,
+        shard=shard,
+        parallel=parallel,
     )
     with run_id_context(runner.run_id):  # the run's log records carry its id
         return await runner.run(handle_signals=handle_signals)
@@ -122,9 +131,16 @@ class Run:
         progress: bool | None = None,
         retry_failed: bool = False,
         only_failed: bool = False,
+        shard: Shard | None = None,
+        parallel: int | None = None,
     ):
         if limit is not None and limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {limit!r}")
+        if shard is None and parallel is not None:
+            raise ConfigError("--parallel says how many shards run at once; give --shard K/N too")
+        self.shard = shard
+        if shard is not None:
+            pipeline = for_shard(pipeline, shard, check_parallel(shard, parallel))
         self.pipeline = pipeline
         self.run_id = run_id or default_run_id(pipeline.name)
         self.retry_failed = retry_failed or only_failed
@@ -133,6 +149,9 @@ class Run:
         self.report_path = report_path
         self.progress = progress
         self.run_dir = pipeline.report_dir / self.run_id if pipeline.report_dir is not None else None
+        if self.run_dir is not None and shard is not None and shard.count > 1:
+            # The shards of a run may share a disk: each keeps its own report and dead letters.
+            self.run_dir = self.run_dir / f"shard-{shard.index}-of-{shard.count}"
         dead_path = (
             self.run_dir / "dead_letters.jsonl"
             if self.run_dir is not None
@@ -172,6 +191,7 @@ class Run:
             limit=limit,
             only_failed=only_failed,
             retry_failed=self.retry_failed,
+            shard=None if shard is None or shards_source(pipeline.source.fn) else shard,
         )
         # Sampled for report.html, which only a run with a run directory writes.
         self.timeline = (
@@ -444,6 +464,7 @@ class Run:
             pause=pause,
             max_concurrency=max_concurrency,
             timeout=timeout,
+            shard=self.shard,
         )
 
     # -- stopping ------------------------------------------------------------------------
@@ -561,6 +582,7 @@ class Run:
             abandoned_threads=self.executor.abandoned,
             run_totals=totals,
             memory=self._memory(),
+            shard=None if self.shard is None else str(self.shard),
         )
 
     def _memory(self) -> dict[str, int]:
