@@ -5,13 +5,15 @@ checks it with import-linter)::
 
     _exceptions   the error hierarchy, plus Skip / TransientError / RetryAfter that stages raise
     _logs         the run's log context (its id) and the JSON log format
+    _shard        Shard (K of N, by crc32 of the encoded key) and each shard's part of a run-wide cap
     _limiter      CapacityLimiter: a resizable cap, the one primitive every limit is built on
     _budget       the memory budget: items weighed by the bytes they hold, admission held
     _contract     the stage contract: Item, Context, DatabaseHandle, Batch, @factory, @batched,
-                  @cpu_bound
+                  @cpu_bound, @shards_itself
     _adaptive     Auto and the controllers behind concurrency = "auto"
     _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
     _report       statistics, RunReport, dead letters (written and grouped), bottleneck advice
+    _runstate     RunStatus, ShardStatus: a run's state across its shards, from a ledger's rows
     _ledger       RunLedger (the ledger contract), BufferedLedger, its one stored layout (LedgerSQL),
                   the default SQLite ledger
     _progress     live progress and the summary table (rich), rendered from a snapshot
@@ -26,6 +28,7 @@ checks it with import-linter)::
     _pipeline     Pipeline: the definition that runs itself
     _config       config.toml -> Pipeline (tomllib + pydantic)
     _deadletters  a run's dead letters, grouped
+    _status       `pipeline status`: each shard's state from the ledger, as a table or JSON
     _metrics      the report as Prometheus metrics
     _tune         `pipeline tune`: measure each cap
     _listing      `pipeline stages`: a module's stages, their kinds and options
@@ -49,6 +52,7 @@ from ._contract import (
     batched,
     cpu_bound,
     factory,
+    shards_itself,
     weighs,
 )
 from ._definition import Database, LedgerStore, Retry, Source, Stage, parse_rate
@@ -73,12 +77,15 @@ from ._ledger import (
     LedgerSQL,
     LedgerTable,
     RunLedger,
+    ShardedLedger,
     encode_key,
 )
 from ._limiter import CapacityLimiter, LimiterStatistics
 from ._pipeline import Pipeline
 from ._report import ItemCounts, RunReport, StageReport
 from ._run import run, run_async
+from ._runstate import RunStatus, ShardStatus
+from ._shard import Shard
 
 __all__ = [
     "Auto",
@@ -106,6 +113,10 @@ __all__ = [
     "LEDGER_RUNS",
     "RunLedger",
     "RunReport",
+    "RunStatus",
+    "Shard",
+    "ShardStatus",
+    "ShardedLedger",
     "Skip",
     "Source",
     "SourceError",
@@ -124,6 +135,7 @@ __all__ = [
     "parse_rate",
     "run",
     "run_async",
+    "shards_itself",
     "weighs",
 ]
 

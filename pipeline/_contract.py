@@ -40,6 +40,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 
 from ._exceptions import ConfigError
 from ._limiter import CapacityLimiter
+from ._shard import Shard
 
 __all__ = [
     "Batch",
@@ -55,6 +56,8 @@ __all__ = [
     "estimate_of",
     "factory",
     "is_factory",
+    "shards_itself",
+    "shards_source",
     "stage_kind",
     "weighs",
     "workload",
@@ -168,6 +171,8 @@ class Context:
         batch: The stage's :class:`Batch` when it runs batched, else ``None``. A
             :func:`batched` factory yields a callable taking a list of items when this is set,
             and one taking an item when it is not (``batch = false``).
+        shard: The :class:`~pipeline.Shard` this process runs (``--shard K/N``), or ``None`` for
+            a whole run. A source marked :func:`shards_itself` yields only the items it owns.
     """
 
     def __init__(
@@ -183,8 +188,10 @@ class Context:
         max_concurrency: int | None = None,
         timeout: float | None = None,
         batch: Batch | None = None,
+        shard: Shard | None = None,
     ):
         self.pipeline = pipeline
+        self.shard = shard
         self.timeout = timeout
         self.batch = batch
         self.max_concurrency = max_concurrency or (limiter.total if limiter is not None else 1)
@@ -336,6 +343,38 @@ def batch_of(fn: object) -> Batch | None:
     """The default :class:`Batch` ``fn`` declared with :func:`batched`, or ``None``."""
     batch: Batch | None = getattr(fn, "__pipeline_batch__", None)
     return batch
+
+
+def shards_itself(fn: F) -> F:
+    """Mark a source :func:`factory` as filtering by shard itself (pushed down into its query).
+
+    When a run is sharded, the engine hands the source its shard as ``ctx.shard`` either way;
+    a marked source must then yield only the items whose encoded key the shard owns
+    (:meth:`pipeline.Shard.owns`, or a query computing the same ``crc32``), and the engine does
+    not look again. An unmarked source yields every item, and the engine drops the ones
+    another shard owns, after reading them. ``stages.db:read_rows`` is marked::
+
+        @pipeline.shards_itself
+        @pipeline.factory
+        @contextlib.asynccontextmanager
+        async def rows(ctx: pipeline.Context):
+            ...  # WHERE CRC32(CAST(id AS CHAR)) % {ctx.shard.count} = {ctx.shard.index}
+
+    Raises:
+        ConfigError: ``fn`` is not a factory (a plain source has no context to get its shard from).
+    """
+    if not is_factory(fn):
+        raise ConfigError(
+            f"{describe(fn)} is marked @pipeline.shards_itself but is not a @pipeline.factory; "
+            "only a factory gets ctx.shard. Make it a factory, or drop the mark to let the engine filter"
+        )
+    fn.__pipeline_shards_itself__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def shards_source(fn: object) -> bool:
+    """Whether ``fn`` was marked with :func:`shards_itself`."""
+    return bool(getattr(fn, "__pipeline_shards_itself__", False))
 
 
 def weighs(estimate: Callable[[Item], int]) -> Callable[[F], F]:

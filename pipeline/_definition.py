@@ -9,6 +9,7 @@ so a bad definition fails before any item runs. Running one is :mod:`._run`'s bu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -23,6 +24,7 @@ from ._budget import parse_size
 from ._contract import Batch, DatabaseHandle, Kind, UsesDatabase, batch_of, describe, is_factory, stage_kind
 from ._exceptions import ConfigError, TransientError
 from ._limiter import CapacityLimiter
+from ._shard import Shard, cap_share
 
 __all__ = [
     "Database",
@@ -31,6 +33,7 @@ __all__ = [
     "Retry",
     "Source",
     "Stage",
+    "for_shard",
     "parse_rate",
     "validate_options",
 ]
@@ -562,3 +565,42 @@ class PipelineDefinition:
         if self.ledger is False or isinstance(self.ledger, LedgerStore):
             return None
         return self.ledger
+
+
+def for_shard(pipeline: PipelineDefinition, shard: Shard, parallel: int) -> PipelineDefinition:
+    """``pipeline`` with its run-wide caps divided for one of ``parallel`` shards running at once.
+
+    Each ``[databases.<name>] concurrency`` becomes this shard's :func:`~pipeline._shard.cap_share`
+    (floor split, the lowest ``cap % parallel`` shard indexes one more); each stage's ``rate``
+    becomes ``count / parallel`` per the same period, which needs no rounding. A stage's own
+    ``concurrency`` is a cap on this process and stays as it is.
+
+    Raises:
+        ConfigError: A database's concurrency is below ``parallel``.
+    """
+    if parallel == 1:
+        return pipeline
+    databases = {}
+    for name, db in pipeline.databases.items():
+        databases[name] = _with(
+            db, concurrency=cap_share(db.concurrency, parallel, shard, what=f"databases.{name}.concurrency")
+        )
+    stages = []
+    for stage in pipeline.stages:
+        if stage.rate is not None:
+            count, period = parse_rate(stage.rate)
+            stage = _with(stage, rate=f"{count / parallel:g}/{period:g}s")
+        stages.append(stage)
+    return _with(pipeline, databases=databases, stages=tuple(stages))
+
+
+_T = typing.TypeVar("_T")
+
+
+def _with(obj: _T, **changes: Any) -> _T:
+    """A copy of a checked frozen definition with ``changes``, not checked again (no options are
+    re-validated, no stage renamed twice): only for values the caller derived from checked ones."""
+    new = copy.copy(obj)
+    for name, value in changes.items():
+        object.__setattr__(new, name, value)
+    return new

@@ -23,7 +23,8 @@ from typing import Any, Final
 from ._contract import describe
 from ._definition import Source
 from ._exceptions import PipelineError, SourceError
-from ._ledger import RunLedger
+from ._ledger import RunLedger, encode_key
+from ._shard import Shard
 from ._stage import END
 from ._tickets import Tally, Ticket
 
@@ -46,6 +47,8 @@ class Feeder:
         limit: Read at most this many items; ``None`` for all.
         only_failed: Take only the items that failed in an earlier attempt of the run id.
         retry_failed: Take the failed items again too, besides the unrecorded ones.
+        shard: Take only the rows this shard owns (for a source that does not filter itself);
+            the others are another shard's, and are not counted at all.
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class Feeder:
         limit: int | None,
         only_failed: bool,
         retry_failed: bool,
+        shard: Shard | None = None,
     ):
         self._spec = spec
+        self._shard = shard
         self._queue = queue
         self._tally = tally
         self._executor = executor
@@ -108,6 +113,8 @@ class Feeder:
         reading = True
         async with contextlib.aclosing(self._batches(source)) as batches:
             async for batch in batches:
+                if self._shard is not None:
+                    batch = [row for row in batch if _owned(self._shard, row, key_field)]
                 if ledger is not None:
                     states = await ledger.states(
                         [row.get(key_field) if isinstance(row, dict) else None for row in batch]
@@ -227,6 +234,19 @@ class Feeder:
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def _owned(shard: Shard, row: Any, key_field: str) -> bool:
+    """Whether ``shard`` takes ``row``. Every row goes to exactly one shard, a bad one too (it
+    fails there alone): a key that cannot be encoded goes to shard 0, and a row that is not a
+    dict to every shard, which each fail the run on it."""
+    if not isinstance(row, dict):
+        return True
+    try:
+        encoded = encode_key(row.get(key_field))
+    except (TypeError, ValueError):
+        return shard.index == 0
+    return shard.owns(encoded)
 
 
 def _take(it: Iterator[Any], n: int) -> list[Any]:

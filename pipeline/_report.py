@@ -156,6 +156,8 @@ class RunReport:
         memory: ``peak_rss_bytes``, the process's peak resident memory; with a memory budget
             also ``budget_bytes`` and ``peak_charged_bytes``, the most the items in flight were
             charged at once.
+        shard: ``"K/N"`` when the run was one shard of N (``--shard``), else ``None``; its
+            items, ``run_totals`` and status are that shard's.
     """
 
     pipeline: str
@@ -176,6 +178,7 @@ class RunReport:
     ledger_error: str | None = None
     run_totals: dict[str, int] | None = None
     memory: dict[str, int] = field(default_factory=dict)
+    shard: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""

@@ -35,24 +35,42 @@ from typing import Any
 from ._adaptive import Auto
 from ._batch import BatchStageRun
 from ._budget import MemoryBudget, return_freed_memory
-from ._contract import Batch, Context, SharedResources, describe, is_factory, stage_kind, workload
-from ._definition import LedgerStore, PipelineDefinition
+from ._contract import (
+    Batch,
+    Context,
+    SharedResources,
+    describe,
+    is_factory,
+    shards_source,
+    stage_kind,
+    workload,
+)
+from ._definition import LedgerStore, PipelineDefinition, for_shard
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
-from ._html import REPORT_HTML, TIMELINE_JSON, describe_settings, write_report_html
-from ._ledger import BufferedLedger, RunLedger, open_sqlite_ledger
+from ._html import write_run_page
+from ._ledger import BufferedLedger, RunLedger, ShardedLedger, open_sqlite_ledger
 from ._limiter import CapacityLimiter
 from ._logs import run_id_context
 from ._progress import RunSnapshot, open_progress
 from ._report import DeadLetterWriter, ItemCounts, RunReport, find_bottleneck, utc_now
+from ._shard import Shard, check_parallel
 from ._stage import StageRun
 from ._threads import installed, open_executor, shutdown
 from ._tickets import Tally
 from ._timeline import Timeline, open_sampler
 
-__all__ = ["Run", "default_run_id", "run", "run_async"]
+__all__ = ["Run", "default_run_id", "run", "run_async", "run_directory"]
 
 log = logging.getLogger("pipeline")
+
+
+def run_directory(report_dir: Path, run_id: str, shard: Shard | None) -> Path:
+    """Where a run (or one shard of it: ``<run id>/shard-K-of-N``) writes its report and dead
+    letters; the shards of a run may share a disk."""
+    if shard is None or shard.count == 1:
+        return report_dir / run_id
+    return report_dir / run_id / f"shard-{shard.index}-of-{shard.count}"
 
 
 def default_run_id(name: str) -> str:
@@ -70,6 +88,8 @@ async def run_async(
     handle_signals: bool = False,
     retry_failed: bool = False,
     only_failed: bool = False,
+    shard: Shard | None = None,
+    parallel: int | None = None,
 ) -> RunReport:
     """Run ``pipeline`` on the running event loop and return its report.
 
@@ -84,6 +104,10 @@ async def run_async(
         retry_failed: On a rerun of ``run_id``, take the items that failed again too.
         only_failed: On a rerun of ``run_id``, take only the items that failed (``pipeline
             retry``); refused if the ledger has none.
+        shard: Run only this shard of the run (``--shard K/N``): the items it owns, under the
+            same run id and ledger as the other shards. ``None`` runs them all.
+        parallel: How many shards of the run run at once (default: all of them); each takes
+            its share of every database's ``concurrency`` and every stage's ``rate``.
 
     Raises:
         PipelineError: The run failed (a config error, the source, a resource). Any error that
@@ -98,6 +122,8 @@ async def run_async(
         progress=progress,
         retry_failed=retry_failed,
         only_failed=only_failed,
+        shard=shard,
+        parallel=parallel,
     )
     with run_id_context(runner.run_id):  # the run's log records carry its id
         return await runner.run(handle_signals=handle_signals)
@@ -123,9 +149,24 @@ class Run:
         progress: bool | None = None,
         retry_failed: bool = False,
         only_failed: bool = False,
+        shard: Shard | None = None,
+        parallel: int | None = None,
     ):
         if limit is not None and limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {limit!r}")
+        if shard is None and parallel is not None:
+            raise ConfigError("--parallel says how many shards run at once; give --shard K/N too")
+        self.shard = shard
+        if shard is not None:
+            pipeline = for_shard(pipeline, shard, check_parallel(shard, parallel))
+            if shard.count > 1 and pipeline.ledger_path is not None:
+                raise ConfigError(
+                    f"the ledger {pipeline.ledger_path} is an SQLite file, on one machine: the "
+                    f"{shard.count} shards of a run, on several machines, would each keep their own. "
+                    'Set ledger = { use = "stages.db:mysql_ledger", database = "..." } on a database '
+                    "every shard reaches, or ledger = false to run shards without resume",
+                    location="pipeline.ledger",
+                )
         self.pipeline = pipeline
         self.run_id = run_id or default_run_id(pipeline.name)
         self.retry_failed = retry_failed or only_failed
@@ -133,7 +174,11 @@ class Run:
         self.limit = limit
         self.report_path = report_path
         self.progress = progress
-        self.run_dir = pipeline.report_dir / self.run_id if pipeline.report_dir is not None else None
+        self.run_dir = (
+            run_directory(pipeline.report_dir, self.run_id, shard)
+            if pipeline.report_dir is not None
+            else None
+        )
         dead_path = (
             self.run_dir / "dead_letters.jsonl"
             if self.run_dir is not None
@@ -173,6 +218,7 @@ class Run:
             limit=limit,
             only_failed=only_failed,
             retry_failed=self.retry_failed,
+            shard=None if shard is None or shards_source(pipeline.source.fn) else shard,
         )
         # Sampled for report.html, which only a run with a run directory writes.
         self.timeline = (
@@ -218,7 +264,9 @@ class Run:
                 report.write(path)
         if self.run_dir is not None:
             # matplotlib takes a second or two to import and draw: off the loop.
-            await asyncio.to_thread(self._write_page, report.status == "interrupted")
+            await asyncio.to_thread(
+                write_run_page, self.run_dir, self.timeline, self.pipeline, report.status == "interrupted"
+            )
         if error is not None:
             error.report = report  # type: ignore[attr-defined]
             raise error
@@ -334,6 +382,11 @@ class Run:
                     f"ledger factory {describe(spec.fn)} yielded {ledger!r}, which is not a RunLedger; "
                     "yield an object with the methods pipeline.RunLedger lists"
                 )
+            if self.shard is not None and self.shard.count > 1 and not isinstance(ledger, ShardedLedger):
+                raise ConfigError(
+                    f"ledger {describe(spec.fn)} cannot keep the shards of a run apart (it is no "
+                    "pipeline.ShardedLedger); use stages.db:mysql_ledger, or run without --shard"
+                )
             return ledger
         path = self.pipeline.ledger_path
         if path is None:
@@ -448,6 +501,7 @@ class Run:
             max_concurrency=max_concurrency,
             timeout=timeout,
             batch=batch,
+            shard=self.shard,
         )
 
     # -- stopping ------------------------------------------------------------------------
@@ -565,6 +619,7 @@ class Run:
             abandoned_threads=self.executor.abandoned,
             run_totals=totals,
             memory=self._memory(),
+            shard=None if self.shard is None else str(self.shard),
         )
 
     def _memory(self) -> dict[str, int]:
@@ -575,35 +630,6 @@ class Run:
             out["budget_bytes"] = self.budget.total
             out["peak_charged_bytes"] = self.budget.peak
         return out
-
-    def _write_page(self, interrupted: bool) -> None:
-        """Write timeline.json and report.html beside report.json. A failure is logged (stderr),
-        never raised: the run's outcome is report.json's, and it is written already.
-
-        An interrupted run gets no page: the grace period is what the scheduler's kill timeout
-        allows, and drawing takes seconds. ``pipeline report RUN_DIR`` makes it afterwards.
-        """
-        assert self.run_dir is not None
-        page = self.run_dir / REPORT_HTML
-        try:
-            if self.timeline is not None:
-                self.timeline.write(self.run_dir / TIMELINE_JSON, settings=describe_settings(self.pipeline))
-            if interrupted:
-                page.unlink(missing_ok=True)
-                log.info("no report.html for an interrupted run; `pipeline report %s` makes it", self.run_dir)
-                return
-            write_report_html(self.run_dir)
-        except Exception as exc:
-            # A page left by an earlier attempt of the run id would show the wrong run.
-            with contextlib.suppress(OSError):
-                page.unlink(missing_ok=True)
-            log.error(
-                "report.html could not be made (%s: %s); report.json has the run's report; "
-                "`pipeline report %s` tries again",
-                type(exc).__name__,
-                exc,
-                self.run_dir,
-            )
 
     def _new_watermark(self, report: RunReport) -> str | None:
         """The watermark to remember: only after a run in which every item read ended well.

@@ -28,6 +28,7 @@ from ._definition import Database, Source, Stage
 from ._limiter import CapacityLimiter
 from ._pipeline import Pipeline
 from ._report import RunReport
+from ._shard import Shard
 
 __all__ = [
     "Collector",
@@ -155,10 +156,16 @@ class Harness:
         return handle
 
     def context(
-        self, stage: str = "stage", *, concurrency: int | None = None, batch: Batch | None = None
+        self,
+        stage: str = "stage",
+        *,
+        concurrency: int | None = None,
+        batch: Batch | None = None,
+        shard: Shard | None = None,
     ) -> Context:
         """The Context the run hands ``stage``'s factory (the source's is ``"source"``); with
-        ``batch``, the one a batched stage's factory gets (``ctx.batch``)."""
+        ``batch``, the one a batched stage's factory gets (``ctx.batch``); with ``shard``, the
+        context of one shard's run (``ctx.shard``)."""
         cap = concurrency or self.concurrency
         return Context(
             pipeline=self.pipeline,
@@ -168,6 +175,7 @@ class Harness:
             databases=self.databases,
             shared=self._shared,
             batch=batch,
+            shard=shard,
         )
 
     async def aclose(self) -> None:
