@@ -9,7 +9,9 @@ is free, so glibc's per-thread malloc arenas each in turn grow by a decoded imag
 back; the next image there faults its pages in again. That was ~2,500 page faults and ~10 ms
 of system CPU per item. With the thumbnail stage on its own two threads their arenas stay warm
 (~300 faults per item). A lane also keeps a stage's calls apart from its neighbours' in a
-thread dump (``pipeline-<run>-<stage>_<n>``).
+thread dump (``pipeline-<run>-<stage>_<n>``). Keeping one pool and capping malloc at two arenas
+(``M_ARENA_MAX``) was measured too: 2-4x the faults of the lanes, for about the same CPU per
+item, and a process-wide setting (README, Performance).
 """
 
 from __future__ import annotations
