@@ -21,7 +21,7 @@ checks it with import-linter)::
     _tickets      every item's ticket and the tally that ends each exactly once
     _stage        one stage at run time: its workers, the one attempt path, retries, pauses
     _batch        a batched stage at run time: items gathered into calls, each ended on its own
-    _threads      the run's dedicated thread pool
+    _threads      the run's threads: a lane (thread pool) per thread stage, and a shared pool
     _feed         the source read in batches: key checks, resume lookups, watermark
     _html         report.html from a run directory's files: matplotlib charts, inline SVG
     _run          the run: open, flow under one TaskGroup, stop and grace, close, report

@@ -460,7 +460,7 @@ class Run:
                 queues[i],
                 queues[i + 1] if i + 1 < len(queues) else None,
                 tally=self.tally,
-                executor=self.executor,
+                executor=self.executor.lane(spec.name, limiter),
                 circuit_breaker=p.circuit_breaker,
                 on_trip=self._trip,
                 on_stuck=self._fail_run,

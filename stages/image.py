@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import pydantic
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 import pipeline
 
@@ -73,6 +73,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 _DEFAULT_LARGEST = 1024  # the largest of thumbnail's default sizes
 _HEADER_BYTES = 256 * 1024  # what decode_estimate parses: headers, EXIF, ICC and XMP fit in it
+_DECODE_BLOCK = 8 * 1024 * 1024  # the most of a body handed to the decoder in one call (a copy)
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little, big endian; classic, BigTIFF
 
 _ORIENTATION_TAG = 0x0112
@@ -383,7 +384,17 @@ def _open(data: bytes, content_type: object, max_pixels: int, formats: Sequence[
 
 
 def _load(img: Image.Image, data: bytes, content_type: object) -> None:
-    """Decode the first frame, translating Pillow's errors on corrupt or truncated data."""
+    """Decode the first frame, translating Pillow's errors on corrupt or truncated data.
+
+    The encoded bytes go to the decoder in one piece (up to :data:`_DECODE_BLOCK`), not Pillow's
+    64 KiB: each piece is one call that releases the GIL and must take it back, and with other
+    threads running Python (the downloads, the event loop) each taking back can wait up to a
+    switch interval (5 ms). On a 600 KB JPEG, against a thread running Python all the time,
+    decoding took 106 ms in 64 KiB pieces and 27 ms in one, for the same 15 ms of CPU and
+    the same pixels.
+    """
+    if isinstance(img, ImageFile.ImageFile):
+        img.decodermaxblock = max(ImageFile.MAXBLOCK, min(len(data), _DECODE_BLOCK))
     try:
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -45,7 +45,10 @@ log = logging.getLogger("stages.http")
 DEFAULT_USER_AGENT = f"pipeline-download/0.1 python-requests/{requests.__version__}"
 """The ``User-Agent`` sent unless the stage sets ``user_agent``."""
 
-_CHUNK = 64 * 1024
+# The body is read in pieces this large: on 600 KB images, 1 MiB pieces cost ~0.4 ms less CPU
+# per download than 64 KiB ones (fewer trips through requests' and urllib3's generators; measured
+# single-threaded on loopback), and a body over max_bytes is refused at most this far past it.
+_CHUNK = 1024 * 1024
 # Error answers up to this size are read to the end so their connection goes back to the pool;
 # larger ones are dropped with their connection.
 _DRAIN_LIMIT = 64 * 1024

@@ -447,3 +447,65 @@ def test_estimate_parses_only_the_head_of_a_body() -> None:
     body = jpeg[:2] + segment * 80 + jpeg[2:]
     assert decode_estimate({"body": body}) == 0
     assert run(body)["width"] == 64
+
+
+class _CountingDecoder:
+    """A real Pillow decoder that counts the calls it is given (each releases the GIL once)."""
+
+    def __init__(self, real: Any, calls: list[int]) -> None:
+        self._real = real
+        self._calls = calls
+
+    def decode(self, buffer: bytes) -> Any:
+        self._calls.append(len(buffer))
+        return self._real.decode(buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_decoder_gets_the_body_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body larger than Pillow's 64 KiB pieces reaches the decoder in one call (so the thread
+    takes the GIL back once, not once per piece)."""
+    body = images.photo_jpeg(1600, 1200, seed=3)
+    assert len(body) > 4 * 65536
+    calls: list[int] = []
+    real = Image._getdecoder
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        return _CountingDecoder(real(*args, **kwargs), calls)
+
+    monkeypatch.setattr(Image, "_getdecoder", counting)
+    out = thumbnail({"id": 1, "body": body}, sizes=(1024, 256), format="JPEG")
+    assert [t["width"] for t in out["thumbnails"]] == [1024, 256]
+    assert len(calls) == 1
+    assert calls[0] >= len(body) - 4096  # the whole body, less the header Pillow already parsed
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: images.photo_jpeg(1600, 1200, seed=4),
+        lambda: images.encode(images.photo_image(900, 700, seed=5), "JPEG", progressive=True),
+        lambda: images.encode(images.photo_image(900, 700, seed=6), "PNG"),
+        images.truncated_jpeg,
+    ],
+    ids=["jpeg", "progressive-jpeg", "png", "truncated-jpeg"],
+)
+def test_one_piece_decoding_gives_the_same_thumbnails(
+    make: Callable[[], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing the decoder the body in one piece changes no byte of the thumbnails (nor the error
+    on a truncated body) against Pillow's own 64 KiB pieces."""
+
+    def run() -> Any:
+        try:
+            out = thumbnail({"id": 1, "body": body}, sizes=(1024, 256), format="JPEG")
+        except ImageDecodeError as exc:
+            return str(exc)
+        return [t["data"] for t in out["thumbnails"]]
+
+    body = make()
+    one_piece = run()
+    monkeypatch.setattr("stages.image._DECODE_BLOCK", 0)  # Pillow's own pieces
+    assert run() == one_piece
