@@ -12,6 +12,7 @@ checks it with import-linter)::
     _adaptive     Auto and the controllers behind concurrency = "auto"
     _definition   Source, Stage, Retry, Database, LedgerStore: the pipeline as data, checked when made
     _report       statistics, RunReport, dead letters (written and grouped), bottleneck advice
+    _runstate     RunStatus, ShardStatus: a run's state across its shards, from a ledger's rows
     _ledger       RunLedger (the ledger contract), BufferedLedger, its one stored layout (LedgerSQL),
                   the default SQLite ledger
     _progress     live progress and the summary table (rich), rendered from a snapshot
@@ -26,6 +27,7 @@ checks it with import-linter)::
     _config       config.toml -> Pipeline (tomllib + pydantic)
     _dask         `run --shards N --dask ADDRESS`: the shards as Dask tasks, caps held by leases
     _deadletters  a run's dead letters, grouped
+    _status       `pipeline status`: each shard's state from the ledger, as a table or JSON
     _metrics      the report as Prometheus metrics
     _tune         `pipeline tune`: measure each cap
     _listing      `pipeline stages`: a module's stages, their kinds and options
@@ -63,12 +65,14 @@ from ._ledger import (
     LedgerSQL,
     LedgerTable,
     RunLedger,
+    ShardedLedger,
     encode_key,
 )
 from ._limiter import CapacityLimiter, LimiterStatistics
 from ._pipeline import Pipeline
 from ._report import ItemCounts, RunReport, StageReport
 from ._run import run, run_async
+from ._runstate import RunStatus, ShardStatus
 from ._shard import Shard
 
 __all__ = [
@@ -96,7 +100,10 @@ __all__ = [
     "LEDGER_RUNS",
     "RunLedger",
     "RunReport",
+    "RunStatus",
     "Shard",
+    "ShardStatus",
+    "ShardedLedger",
     "Skip",
     "Source",
     "SourceError",

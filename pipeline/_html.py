@@ -10,9 +10,11 @@ error messages, names) is escaped: a dead letter's message is whatever a remote 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -25,12 +27,22 @@ from ._adaptive import Auto
 from ._contract import describe
 from ._definition import LedgerStore, PipelineDefinition
 from ._report import group_records
+from ._timeline import Timeline
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["REPORT_HTML", "TIMELINE_JSON", "describe_settings", "render_html", "write_report_html"]
+__all__ = [
+    "REPORT_HTML",
+    "TIMELINE_JSON",
+    "describe_settings",
+    "render_html",
+    "write_report_html",
+    "write_run_page",
+]
+
+log = logging.getLogger("pipeline")
 
 REPORT_HTML = "report.html"
 TIMELINE_JSON = "timeline.json"
@@ -105,6 +117,37 @@ def _plain(value: Any) -> Any:
 
 
 # -- the page ---------------------------------------------------------------------------------
+
+
+def write_run_page(
+    run_dir: Path, timeline: Timeline | None, pipeline: PipelineDefinition, interrupted: bool
+) -> None:
+    """Write timeline.json and report.html beside a run's report.json. A failure is logged
+    (stderr), never raised: the run's outcome is report.json's, and it is written already.
+
+    An interrupted run gets no page: the grace period is what the scheduler's kill timeout
+    allows, and drawing takes seconds. ``pipeline report RUN_DIR`` makes it afterwards.
+    """
+    page = run_dir / REPORT_HTML
+    try:
+        if timeline is not None:
+            timeline.write(run_dir / TIMELINE_JSON, settings=describe_settings(pipeline))
+        if interrupted:
+            page.unlink(missing_ok=True)
+            log.info("no report.html for an interrupted run; `pipeline report %s` makes it", run_dir)
+            return
+        write_report_html(run_dir)
+    except Exception as exc:
+        # A page left by an earlier attempt of the run id would show the wrong run.
+        with contextlib.suppress(OSError):
+            page.unlink(missing_ok=True)
+        log.error(
+            "report.html could not be made (%s: %s); report.json has the run's report; "
+            "`pipeline report %s` tries again",
+            type(exc).__name__,
+            exc,
+            run_dir,
+        )
 
 
 def write_report_html(run_dir: Path) -> Path:

@@ -9,7 +9,8 @@ and :class:`LedgerSQL` renders its tables and statements; the SQLite file, by de
 ``<report_dir>/ledger.sqlite``, uses the names ``items`` and ``runs``)::
 
     items(run_id, key, state, attempts, stage, error, updated_at)   one row per item and run
-    runs(run_id, pipeline, status, started_at, finished_at, watermark)
+    runs(run_id, pipeline, status, started_at, finished_at, watermark, shard, shards)
+                                                                   one row per run and shard
 
 * States are ``done``, ``skipped`` and ``failed``. A rerun of the same run id does not read
   ``done`` or ``skipped`` items again; ``--retry-failed`` takes the ``failed`` ones again.
@@ -18,6 +19,10 @@ and :class:`LedgerSQL` renders its tables and statements; the SQLite file, by de
   items are simply done again on the rerun: outputs are atomic and database writes are upserts,
   so doing an item twice leaves one correct result.
 * Lookups (only on a rerun) are indexed point reads on a second, read-only connection in WAL mode.
+* Shards (``--shard K/N``) share the run id and the items table; each has its runs row (an
+  unsharded run is shard 0 of 1), and owns the items whose key's ``crc32`` modulo N is K, which
+  is how its counts are read (:mod:`._runstate`). The watermark counts once every shard is ok.
+  A runs table of the layout before shards is migrated in place when the ledger opens.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
+import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._report import utc_now
+from ._runstate import RunStatus, build_status, check_shard_count, earliest_watermark
+from ._shard import Shard
 
 __all__ = [
     "LEDGER_ITEMS",
@@ -41,6 +50,7 @@ __all__ = [
     "LedgerSQL",
     "LedgerTable",
     "RunLedger",
+    "ShardedLedger",
     "SqliteLedger",
     "encode_key",
     "open_sqlite_ledger",
@@ -97,6 +107,26 @@ class RunLedger(Protocol):
     async def counts(self) -> dict[str, int]:
         """How many of this run's items are in each state."""
         ...
+
+
+@runtime_checkable
+class ShardedLedger(RunLedger, Protocol):
+    """A :class:`RunLedger` that the N shards of a run id can share (``--shard K/N``).
+
+    Opened with ``ctx.shard`` set, it keeps one runs row per ``(run_id, shard)``:
+    :meth:`~RunLedger.start_run` and :meth:`~RunLedger.finish_run` write the shard's row, and
+    refuse (:class:`~pipeline.ConfigError`) a run id started with another shard count;
+    :meth:`~RunLedger.counts` counts the shard's own items; :meth:`~RunLedger.last_watermark`
+    is that of the last run whose every shard ended ok. The engine runs a sharded run only on
+    such a ledger.
+    """
+
+    async def run_status(self) -> RunStatus | None:
+        """The run id's state across its shards (``pipeline status``); ``None`` if it never ran."""
+        ...
+
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass(frozen=True)
@@ -164,10 +194,12 @@ LEDGER_RUNS = LedgerTable(
         LedgerColumn("started_at", "timestamp"),
         LedgerColumn("finished_at", "timestamp", nullable=True),
         LedgerColumn("watermark", "text", nullable=True),
+        LedgerColumn("shard", "integer"),
+        LedgerColumn("shards", "integer"),
     ),
-    key=("run_id",),
+    key=("run_id", "shard"),
 )
-"""One row per run id: how it ended, and its watermark."""
+"""One row per run id and shard (an unsharded run is shard 0 of 1): how it ended, its watermark."""
 
 
 class LedgerSQL:
@@ -186,19 +218,31 @@ class LedgerSQL:
     Attributes:
         create: The ``CREATE TABLE IF NOT EXISTS`` statements, items first.
         record: Upsert one item row; parameters in :data:`LEDGER_ITEMS` column order.
-        start_run: Note a run id (re)started; parameters ``(run_id, pipeline, started_at)``.
-        finish_run: Note how it ended; parameters ``(status, finished_at, watermark, run_id)``.
+        start_run: Note a run id's shard (re)started; parameters ``(run_id, shard, shards,
+            pipeline, started_at)`` (an unsharded run is shard 0 of 1).
+        finish_run: Note how it ended; parameters ``(status, finished_at, watermark, run_id, shard)``.
         has_items: One row if the run id has items; parameters ``(run_id,)``.
         state: ``state`` of one key; parameters ``(run_id, key)``.
         counts: ``(state, n)`` rows; parameters ``(run_id,)``.
+        shard_counts: ``(state, n)`` rows of one shard's items; parameters ``(run_id, shards, shard)``.
+        all_shard_counts: ``(shard, state, n, last)`` rows (``last`` the latest ``updated_at``);
+            parameters ``(shards, run_id)``.
+        shards: ``(shard, shards, status, started_at, finished_at)`` rows; parameters ``(run_id,)``.
         failed: ``(k, attempts, stage, error)`` rows of failed items by key; parameters ``(run_id,)``.
-        last_watermark: ``watermark`` of the pipeline's last ok run; parameters ``(pipeline,)``.
+        last_watermark: ``watermark`` rows of the shards of the pipeline's last run whose every
+            shard ended ok; parameters ``(pipeline, pipeline)``. The run's watermark is the
+            earliest (:meth:`run_watermark`).
+
+    The item counts of a shard compare ``CRC32(key) % shards`` with it: MySQL's function, which
+    a SQLite connection must register (``zlib.crc32`` of the UTF-8 text). It is :meth:`pipeline.Shard.owns`,
+    since the stored key is the :func:`encode_key` text.
     """
 
     def __init__(self, items: str = LEDGER_ITEMS.name, runs: str = LEDGER_RUNS.name) -> None:
         q = self.quote
         self.items = q(items)
         self.runs = q(runs)
+        self.runs_name = runs
         key = q("key")
         self.create = (self.create_table(LEDGER_ITEMS, self.items), self.create_table(LEDGER_RUNS, self.runs))
         updates = {c: self.new_value(c) for c in LEDGER_ITEMS.column_names if c not in LEDGER_ITEMS.key}
@@ -210,24 +254,40 @@ class LedgerSQL:
         )
         restart = {"status": "'running'", "finished_at": "NULL"}
         self.start_run = (
-            f"INSERT INTO {self.runs} (run_id, pipeline, status, started_at) "
-            f"VALUES (?, ?, 'running', ?) {self.on_conflict(LEDGER_RUNS.key, restart)}"
+            f"INSERT INTO {self.runs} (run_id, shard, shards, pipeline, status, started_at) "
+            f"VALUES (?, ?, ?, ?, 'running', ?) {self.on_conflict(LEDGER_RUNS.key, restart)}"
         )
         self.finish_run = (
             f"UPDATE {self.runs} SET status = ?, finished_at = ?, watermark = COALESCE(?, watermark) "
-            "WHERE run_id = ?"
+            "WHERE run_id = ? AND shard = ?"
         )
         self.has_items = f"SELECT 1 AS x FROM {self.items} WHERE run_id = ? LIMIT 1"
         found, value = self.lookup("key")
         self.state = f"SELECT state FROM {self.items} WHERE run_id = ? AND {found} = {value}"
         self.counts = f"SELECT state, COUNT(*) AS n FROM {self.items} WHERE run_id = ? GROUP BY state"
+        self.shard_counts = (
+            f"SELECT state, COUNT(*) AS n FROM {self.items} WHERE run_id = ? AND CRC32({key}) % ? = ? "
+            "GROUP BY state"
+        )
+        self.all_shard_counts = (
+            f"SELECT CRC32({key}) % ? AS shard, state, COUNT(*) AS n, MAX(updated_at) AS last "
+            f"FROM {self.items} WHERE run_id = ? GROUP BY 1, 2"
+        )
+        self.shards = (
+            f"SELECT shard, shards, status, started_at, finished_at FROM {self.runs} WHERE run_id = ? "
+            "ORDER BY shard"
+        )
         self.failed = (
             f"SELECT {key} AS k, attempts, stage, error FROM {self.items} "
             f"WHERE run_id = ? AND state = 'failed' ORDER BY {key}"
         )
+        # The last run all of whose shards are there and ended ok, and kept a watermark.
         self.last_watermark = (
-            f"SELECT watermark FROM {self.runs} WHERE pipeline = ? AND status = 'ok' "
-            "AND watermark IS NOT NULL ORDER BY finished_at DESC LIMIT 1"
+            f"SELECT watermark FROM {self.runs} WHERE pipeline = ? AND watermark IS NOT NULL AND run_id = ("
+            f"SELECT run_id FROM {self.runs} WHERE pipeline = ? GROUP BY run_id "
+            "HAVING COUNT(*) = MAX(shards) AND MIN(shards) = MAX(shards) "
+            "AND SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END) = COUNT(*) AND COUNT(watermark) > 0 "
+            "ORDER BY MAX(finished_at) DESC LIMIT 1)"
         )
 
     def states(self, count: int) -> str:
@@ -236,6 +296,46 @@ class LedgerSQL:
         found, value = self.lookup("key")
         marks = ", ".join(value for _ in range(count))
         return f"SELECT {key} AS k, state FROM {self.items} WHERE run_id = ? AND {found} IN ({marks})"
+
+    @staticmethod
+    def run_watermark(rows: Iterable[str | None]) -> str | None:
+        """The run's watermark from :attr:`last_watermark`'s values: the earliest shard's."""
+        return earliest_watermark(rows)
+
+    @staticmethod
+    def run_status(
+        run_id: str, runs: Iterable[Sequence[Any]], counts: Iterable[Sequence[Any]]
+    ) -> RunStatus | None:
+        """The run's status from :attr:`shards` rows and :attr:`all_shard_counts` rows
+        (``(shard, state, n, last)``); ``None`` when it has no runs row."""
+        return build_status(run_id, runs, counts)
+
+    @staticmethod
+    def check_shard_count(run_id: str, runs: Iterable[Sequence[Any]], shard: Shard | None) -> None:
+        """Refuse to start ``shard`` (``None``: unsharded) of a run id whose :attr:`shards` rows
+        say it was started with another shard count.
+
+        Raises:
+            ConfigError: Naming the count the run was started with and the fix.
+        """
+        check_shard_count(run_id, runs, shard)
+
+    def migrate_runs(self) -> list[str]:
+        """The statements that take a runs table of the layout before shards (keyed by ``run_id``
+        alone) to this one, rows kept as shard 0 of 1, in one transaction where the store has them.
+
+        By default SQLite's: a new table, the rows copied, the old one dropped and the new one renamed.
+        """
+        old = [c for c in LEDGER_RUNS.column_names if c not in ("shard", "shards")]
+        new = self.quote(f"{self.runs_name}_migrating")
+        columns = ", ".join(self.quote(c) for c in old)
+        return [
+            f"DROP TABLE IF EXISTS {new}",
+            self.create_table(LEDGER_RUNS, new).replace(" IF NOT EXISTS", ""),
+            f"INSERT INTO {new} ({columns}, shard, shards) SELECT {columns}, 0, 1 FROM {self.runs}",
+            f"DROP TABLE {self.runs}",
+            f"ALTER TABLE {new} RENAME TO {self.runs}",
+        ]
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -378,6 +478,9 @@ class SqliteLedger(BufferedLedger):
     :meth:`close` are plain calls, for ``pipeline deadletters``, which reads the file outside a run
     (a pluggable ledger is not read there: it lists every dead letter, retried or not).
 
+    It is a file on one machine, so it keeps unsharded runs only (shard 0 of 1): the engine
+    refuses ``--shard`` with it, since shards on other machines would each keep their own.
+
     Args:
         path: The SQLite file; created with its directory if missing.
         pipeline: The pipeline's name (for watermarks).
@@ -401,7 +504,10 @@ class SqliteLedger(BufferedLedger):
         self._sql = LedgerSQL()
         for ddl in self._sql.create:
             self._db.execute(ddl)
+        self._migrate()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        _register_crc32(self._reader)
+        self._refused = False
         row = self._reader.execute(self._sql.has_items, (run_id,)).fetchone()
         self.resuming = row is not None
         """Whether this run id has recorded items already (a rerun)."""
@@ -435,8 +541,30 @@ class SqliteLedger(BufferedLedger):
 
     async def last_watermark(self) -> str | None:
         """The watermark of this pipeline's last successful run, if any."""
-        row = self._reader.execute(self._sql.last_watermark, (self.pipeline,)).fetchone()
-        return None if row is None else str(row[0])
+        rows = self._reader.execute(self._sql.last_watermark, (self.pipeline, self.pipeline)).fetchall()
+        return self._sql.run_watermark(str(r[0]) for r in rows)
+
+    async def run_status(self) -> RunStatus | None:
+        """This run id's state (one shard, 0/1), for ``pipeline status``."""
+        runs = self._reader.execute(self._sql.shards, (self.run_id,)).fetchall()
+        count = max((int(r[1]) for r in runs), default=1)
+        counts = self._reader.execute(self._sql.all_shard_counts, (count, self.run_id)).fetchall()
+        return self._sql.run_status(self.run_id, runs, counts)
+
+    def _migrate(self) -> None:
+        """Migrate a runs table of the layout before shards, in one transaction (rows kept)."""
+        if "shard" in {r[1] for r in self._db.execute(f"PRAGMA table_info({self._sql.runs})")}:
+            return
+        self._db.execute("BEGIN IMMEDIATE")  # another process may be migrating it too
+        try:
+            if "shard" not in {r[1] for r in self._db.execute(f"PRAGMA table_info({self._sql.runs})")}:
+                log.warning("migrating the runs table of ledger %s to a row per shard (rows kept)", self.path)
+                for statement in self._sql.migrate_runs():
+                    self._db.execute(statement)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     # -- writing -------------------------------------------------------------------------
 
@@ -458,19 +586,35 @@ class SqliteLedger(BufferedLedger):
         await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
 
     async def start_run(self, started_at: str) -> None:
-        """Note that this run id started (again)."""
-        self._db.execute(self._sql.start_run, (self.run_id, self.pipeline, started_at))
+        """Note that this run id started (again); refuse one started as shards."""
+        try:
+            self._sql.check_shard_count(
+                self.run_id, self._reader.execute(self._sql.shards, (self.run_id,)), None
+            )
+        except Exception:
+            self._refused = True
+            raise
+        self._db.execute(self._sql.start_run, (self.run_id, 0, 1, self.pipeline, started_at))
 
     async def finish_run(self, status: str, watermark: str | None) -> None:
         """Note how this run ended, and its watermark when it succeeded."""
+        if self._refused:  # the rows are another run's
+            return
         self._db.execute(
-            self._sql.finish_run, (status, utc_now(), watermark if status == "ok" else None, self.run_id)
+            self._sql.finish_run, (status, utc_now(), watermark if status == "ok" else None, self.run_id, 0)
         )
 
     def close(self) -> None:
         """Close the connections (after a final :meth:`flush`)."""
         self._reader.close()
         self._db.close()
+
+
+def _register_crc32(conn: sqlite3.Connection) -> None:
+    """Give ``conn`` MySQL's ``CRC32()``, which the per-shard counts use."""
+    conn.create_function(
+        "crc32", 1, lambda v: None if v is None else zlib.crc32(str(v).encode("utf-8")), deterministic=True
+    )
 
 
 @contextlib.asynccontextmanager

@@ -38,8 +38,8 @@ from ._contract import Context, SharedResources, describe, is_factory, shards_so
 from ._definition import LedgerStore, PipelineDefinition, for_shard
 from ._exceptions import ConfigError, PipelineError, ResourceError
 from ._feed import Feeder
-from ._html import REPORT_HTML, TIMELINE_JSON, describe_settings, write_report_html
-from ._ledger import BufferedLedger, RunLedger, open_sqlite_ledger
+from ._html import write_run_page
+from ._ledger import BufferedLedger, RunLedger, ShardedLedger, open_sqlite_ledger
 from ._limiter import CapacityLimiter
 from ._logs import run_id_context
 from ._progress import RunSnapshot, open_progress
@@ -141,6 +141,14 @@ class Run:
         self.shard = shard
         if shard is not None:
             pipeline = for_shard(pipeline, shard, check_parallel(shard, parallel))
+            if shard.count > 1 and pipeline.ledger_path is not None:
+                raise ConfigError(
+                    f"the ledger {pipeline.ledger_path} is an SQLite file, on one machine: the "
+                    f"{shard.count} shards of a run, on several machines, would each keep their own. "
+                    'Set ledger = { use = "stages.db:mysql_ledger", database = "..." } on a database '
+                    "every shard reaches, or ledger = false to run shards without resume",
+                    location="pipeline.ledger",
+                )
         self.pipeline = pipeline
         self.run_id = run_id or default_run_id(pipeline.name)
         self.retry_failed = retry_failed or only_failed
@@ -237,7 +245,9 @@ class Run:
                 report.write(path)
         if self.run_dir is not None:
             # matplotlib takes a second or two to import and draw: off the loop.
-            await asyncio.to_thread(self._write_page, report.status == "interrupted")
+            await asyncio.to_thread(
+                write_run_page, self.run_dir, self.timeline, self.pipeline, report.status == "interrupted"
+            )
         if error is not None:
             error.report = report  # type: ignore[attr-defined]
             raise error
@@ -352,6 +362,11 @@ class Run:
                 raise ConfigError(
                     f"ledger factory {describe(spec.fn)} yielded {ledger!r}, which is not a RunLedger; "
                     "yield an object with the methods pipeline.RunLedger lists"
+                )
+            if self.shard is not None and self.shard.count > 1 and not isinstance(ledger, ShardedLedger):
+                raise ConfigError(
+                    f"ledger {describe(spec.fn)} cannot keep the shards of a run apart (it is no "
+                    "pipeline.ShardedLedger); use stages.db:mysql_ledger, or run without --shard"
                 )
             return ledger
         path = self.pipeline.ledger_path
@@ -593,35 +608,6 @@ class Run:
             out["budget_bytes"] = self.budget.total
             out["peak_charged_bytes"] = self.budget.peak
         return out
-
-    def _write_page(self, interrupted: bool) -> None:
-        """Write timeline.json and report.html beside report.json. A failure is logged (stderr),
-        never raised: the run's outcome is report.json's, and it is written already.
-
-        An interrupted run gets no page: the grace period is what the scheduler's kill timeout
-        allows, and drawing takes seconds. ``pipeline report RUN_DIR`` makes it afterwards.
-        """
-        assert self.run_dir is not None
-        page = self.run_dir / REPORT_HTML
-        try:
-            if self.timeline is not None:
-                self.timeline.write(self.run_dir / TIMELINE_JSON, settings=describe_settings(self.pipeline))
-            if interrupted:
-                page.unlink(missing_ok=True)
-                log.info("no report.html for an interrupted run; `pipeline report %s` makes it", self.run_dir)
-                return
-            write_report_html(self.run_dir)
-        except Exception as exc:
-            # A page left by an earlier attempt of the run id would show the wrong run.
-            with contextlib.suppress(OSError):
-                page.unlink(missing_ok=True)
-            log.error(
-                "report.html could not be made (%s: %s); report.json has the run's report; "
-                "`pipeline report %s` tries again",
-                type(exc).__name__,
-                exc,
-                self.run_dir,
-            )
 
     def _new_watermark(self, report: RunReport) -> str | None:
         """The watermark to remember: only after a run in which every item read ended well.

@@ -1,5 +1,5 @@
 """The ``pipeline`` command: ``run``, ``validate``, ``tune``, ``deadletters``, ``retry``, ``report``,
-``stages``.
+``stages``, ``status``.
 
 A public module: ``pipeline.cli.main(argv)`` is the command itself, for programs that wrap it
 (``python -m stages.demo`` does). It loads and runs pipelines through the public API
@@ -86,6 +86,24 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--run-id", metavar="ID", required=True, help="the run whose failures to replay")
     retry.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here")
     retry.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    for sharded in (run, retry):
+        sharded.add_argument(
+            "--shard",
+            metavar="K/N",
+            help="run shard K of N (from 0) of the run: the items whose key hashes to K; auto/N takes K "
+            "from JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID (Slurm)",
+        )
+        sharded.add_argument(
+            "--parallel",
+            type=int,
+            metavar="P",
+            help="how many shards run at once (default N): each takes 1/P of every database's "
+            "concurrency and every stage's rate",
+        )
+    status = sub.add_parser("status", help="each shard's state and counts for a run, from the ledger")
+    status.add_argument("config", type=Path, help="the pipeline's config.toml")
+    status.add_argument("--run-id", metavar="ID", help="the run (default: name and today's date)")
+    status.add_argument("--json", action="store_true", help="print JSON: run_id, state, items, shards")
     page = sub.add_parser("report", help="rebuild a run's report.html from the files in its run directory")
     page.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's directory: report_dir/<run id>")
     for logged in (run, retry, tune):
@@ -135,6 +153,28 @@ def _deadletters(pipeline: Any, run_id: str | None) -> int:
         table.add_row(str(g.count), g.stage, g.error_type, g.reason, ", ".join(map(repr, g.keys)) + more)
     console.print(table)
     console.print(f"after fixing the cause: pipeline retry CONFIG --run-id {run_id}")
+    return EXIT_OK
+
+
+def _status(pipeline: Any, run_id: str | None, as_json: bool) -> int:
+    import asyncio
+
+    from ._exceptions import ConfigError, PipelineError
+    from ._run import default_run_id
+    from ._status import read_status, render_status
+
+    run_id = run_id or default_run_id(pipeline.name)
+    try:
+        status = asyncio.run(read_status(pipeline, run_id))
+    except ConfigError:
+        raise
+    except PipelineError as exc:  # the ledger's database is down, say
+        print(f"status of run {run_id!r} could not be read: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if status is None:
+        print(f"run {run_id!r} is not in the ledger: no shard of it has started", file=sys.stderr)
+        return EXIT_USAGE
+    print(render_status(status, as_json=as_json))
     return EXIT_OK
 
 
@@ -240,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return tune(args)
     if args.command == "report":
         return _report_page(args.run_dir)
-    from . import ConfigError, PipelineError, load_config, run
+    from . import ConfigError, PipelineError, Shard, load_config, run
     from ._logs import notice
 
     if getattr(args, "log_format", "text") == "json" and args.progress is None:
@@ -254,9 +294,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "deadletters":
             return _deadletters(pipeline, args.run_id)
+        if args.command == "status":
+            return _status(pipeline, args.run_id, args.json)
         limit = getattr(args, "limit", None)
         if limit is not None and limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {limit}")
+        shard = Shard.parse(args.shard) if getattr(args, "shard", None) is not None else None
     except ConfigError as exc:
         where = "" if exc.file else f"{args.config}: "
         notice(f"config error: {where}{exc}", logging.ERROR)
@@ -277,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=args.progress,
             retry_failed=getattr(args, "retry_failed", False),
             only_failed=args.command == "retry",
+            shard=shard,
+            parallel=getattr(args, "parallel", None),
         )
     except ConfigError as exc:
         where = "" if exc.file else f"{args.config}: "

@@ -28,6 +28,7 @@ from ._definition import Database, Source, Stage
 from ._limiter import CapacityLimiter
 from ._pipeline import Pipeline
 from ._report import RunReport
+from ._shard import Shard
 
 __all__ = [
     "Collector",
@@ -154,8 +155,11 @@ class Harness:
         self.databases[name] = handle
         return handle
 
-    def context(self, stage: str = "stage", *, concurrency: int | None = None) -> Context:
-        """The Context the run hands ``stage``'s factory (the source's is ``"source"``)."""
+    def context(
+        self, stage: str = "stage", *, concurrency: int | None = None, shard: Shard | None = None
+    ) -> Context:
+        """The Context the run hands ``stage``'s factory (the source's is ``"source"``); with
+        ``shard``, the context of one shard's run (``ctx.shard``)."""
         cap = concurrency or self.concurrency
         return Context(
             pipeline=self.pipeline,
@@ -164,6 +168,7 @@ class Harness:
             limiter=CapacityLimiter(cap, name=f"stage {stage!r}"),
             databases=self.databases,
             shared=self._shared,
+            shard=shard,
         )
 
     async def aclose(self) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import logging
 import sqlite3
+import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -336,6 +337,13 @@ class _MySQLDatabase(Database):
         await self._pool.wait_closed()
 
 
+def _crc32(value: object) -> int | None:
+    """SQLite's ``crc32(x)``: MySQL's ``CRC32()``, of the UTF-8 text (or the bytes) of ``x``."""
+    if value is None:
+        return None
+    return zlib.crc32(value if isinstance(value, bytes) else str(value).encode("utf-8"))
+
+
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Item:
     return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
 
@@ -371,6 +379,8 @@ class _SQLiteDatabase(Database):
             await conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute("PRAGMA synchronous = NORMAL")
+            # What MySQL's CRC32() is, for the shard filter of read_rows and the ledger.
+            await conn.create_function("crc32", 1, _crc32, deterministic=True)
         except BaseException:
             await conn.close()
             raise

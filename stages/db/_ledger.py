@@ -1,6 +1,7 @@
 """The run ledger in two tables of a configured database: :func:`mysql_ledger`.
 
-For runs shared by several workers. The layout and the statements are the engine's
+For runs shared by several workers, and by the shards of a sharded run (``--shard K/N``): it
+is a :class:`pipeline.ShardedLedger`. The layout and the statements are the engine's
 (:class:`pipeline.LedgerSQL`, the same as the default SQLite file's); this module renders them
 for MySQL/MariaDB and runs them through the database's pool and limiter, like any stage.
 """
@@ -25,6 +26,8 @@ from pipeline import (
     LedgerSQL,
     LedgerTable,
     RunLedger,
+    RunStatus,
+    Shard,
     encode_key,
     factory,
 )
@@ -92,7 +95,9 @@ class _MySQLLedgerSQL(LedgerSQL):
         return self.quote(f"{column}_sha256"), "UNHEX(SHA2(?, 256))"
 
     def _digested(self, table: LedgerTable) -> list[str]:
-        return [c.name for c in table.columns if c.name in table.key and c.max_length is None]
+        return [
+            c.name for c in table.columns if c.name in table.key and c.type == "text" and c.max_length is None
+        ]
 
     def _key_clause(self, table: LedgerTable) -> str:
         digested = self._digested(table)
@@ -119,6 +124,14 @@ class _MySQLLedgerSQL(LedgerSQL):
             changes += ["DROP PRIMARY KEY", f"ADD {self._key_clause(table)}"]
         return f"ALTER TABLE {name} {', '.join(changes)}"
 
+    def migrate_runs(self) -> list[str]:
+        # One ALTER: InnoDB rebuilds the table once, and MariaDB applies it atomically.
+        return [
+            f"ALTER TABLE {self.runs} ADD COLUMN `shard` INT NOT NULL DEFAULT 0, "
+            "ADD COLUMN `shards` INT NOT NULL DEFAULT 1, DROP PRIMARY KEY, "
+            f"ADD {self._key_clause(LEDGER_RUNS)}"
+        ]
+
 
 _LEDGER_LOOKUP_CHUNK = 500
 """Keys per ``IN (...)`` lookup on a rerun."""
@@ -129,14 +142,24 @@ class TableLedger(BufferedLedger):
     (one row per item and run) and ``<table>_runs``. Made by :func:`mysql_ledger`.
 
     Every write is an upsert on ``(run_id, key)``, so workers sharing a run id never leave two
-    rows for an item. Records are buffered and written in one transaction per flush.
+    rows for an item. Records are buffered and written in one transaction per flush. With a
+    ``shard``, the runs row is ``(run_id, shard)`` and :meth:`counts` are the shard's items.
     """
 
     def __init__(
-        self, db: Database, *, table: str, pipeline: str, run_id: str, flush_interval: float
+        self,
+        db: Database,
+        *,
+        table: str,
+        pipeline: str,
+        run_id: str,
+        flush_interval: float,
+        shard: Shard | None = None,
     ) -> None:
         super().__init__()
         self.db = db
+        self.shard = shard if shard is not None and shard.count > 1 else None
+        self._refused = False
         self.pipeline = pipeline
         self.run_id = run_id
         self.flush_interval = flush_interval
@@ -173,6 +196,7 @@ class TableLedger(BufferedLedger):
         if create_table and not await self._exists():
             for ddl in self._sql.create:
                 await self.db.execute(ddl, action="creating the ledger table")
+        await self._migrate_runs(create_table=create_table)
         if isinstance(self._sql, _MySQLLedgerSQL):
             await self._upgrade(self._sql, create_table=create_table)
         row = await self.db.fetch_one(self._sql.has_items, (self.run_id,), action="reading the ledger")
@@ -195,6 +219,28 @@ class TableLedger(BufferedLedger):
             )
             found.update((str(r["k"]), str(r["state"])) for r in rows)
         return [None if k is None else found.get(k) for k in encoded]
+
+    async def _migrate_runs(self, *, create_table: bool) -> None:
+        """Give a runs table of the layout before shards a row per shard, in place, rows kept."""
+        table = f"{self._table}_runs"
+        columns = await self.db.columns(table)
+        if columns is None or "shard" in columns:
+            return
+        statements = self._sql.migrate_runs()
+        if not create_table:
+            raise ConfigError(
+                f"ledger table {table!r} on database {self.db.name!r} has the layout before sharded "
+                "runs (one row per run id); set create_table = true to let mysql_ledger migrate it "
+                "when it opens, or run: " + "; ".join(statements)
+            )
+        log.warning("migrating ledger table %r on database %r to a row per shard", table, self.db.name)
+        try:
+            for statement in statements:
+                await self.db.execute(statement, action="migrating the ledger's runs table")
+        except DatabaseError:
+            # The shards of a run open together: another may have migrated it first.
+            if "shard" not in (await self.db.columns(table) or set()):
+                raise
 
     async def _upgrade(self, sql: _MySQLLedgerSQL, *, create_table: bool) -> None:
         """Migrate tables of the layout before keys had digests, in place, rows kept."""
@@ -230,33 +276,73 @@ class TableLedger(BufferedLedger):
         """Upsert ``batch`` in one transaction."""
         await self.db.execute_many(self._sql.record, batch, action="writing the ledger")
 
+    async def _shard_rows(self) -> list[tuple[Any, ...]]:
+        rows = await self.db.fetch_all(self._sql.shards, (self.run_id,), action="reading the ledger's runs")
+        return [(r["shard"], r["shards"], r["status"], r["started_at"], r["finished_at"]) for r in rows]
+
     async def start_run(self, started_at: str) -> None:
-        """Note that this run id started (again)."""
+        """Note that this run id (this shard of it) started (again).
+
+        Raises:
+            ConfigError: The run id was started with another shard count.
+        """
+        try:
+            self._sql.check_shard_count(self.run_id, await self._shard_rows(), self.shard)
+        except ConfigError:
+            self._refused = True
+            raise
+        index, count = (0, 1) if self.shard is None else (self.shard.index, self.shard.count)
         await self.db.execute(
             self._sql.start_run,
-            (self.run_id, self.pipeline, self._time(started_at)),
+            (self.run_id, index, count, self.pipeline, self._time(started_at)),
             action="starting the run",
         )
 
     async def finish_run(self, status: str, watermark: str | None) -> None:
-        """Note how this run ended, and its watermark when it succeeded."""
+        """Note how this run (this shard of it) ended, and its watermark when it succeeded."""
+        if self._refused:  # the rows are those of the run started otherwise
+            return
         await self.db.execute(
             self._sql.finish_run,
-            (status, self._time(), watermark if status == "ok" else None, self.run_id),
+            (
+                status,
+                self._time(),
+                watermark if status == "ok" else None,
+                self.run_id,
+                0 if self.shard is None else self.shard.index,
+            ),
             action="finishing the run",
         )
 
     async def last_watermark(self) -> str | None:
-        """The watermark of this pipeline's last successful run, if any."""
-        row = await self.db.fetch_one(
-            self._sql.last_watermark, (self.pipeline,), action="reading the last watermark"
+        """The watermark of this pipeline's last run whose every shard succeeded, if any."""
+        rows = await self.db.fetch_all(
+            self._sql.last_watermark, (self.pipeline, self.pipeline), action="reading the last watermark"
         )
-        return None if row is None else str(row["watermark"])
+        return self._sql.run_watermark(str(r["watermark"]) for r in rows)
 
     async def counts(self) -> dict[str, int]:
-        """How many of this run's items are in each state."""
-        rows = await self.db.fetch_all(self._sql.counts, (self.run_id,), action="reading the ledger")
+        """How many of this run's items (this shard's, when sharded) are in each state."""
+        if self.shard is None:
+            rows = await self.db.fetch_all(self._sql.counts, (self.run_id,), action="reading the ledger")
+        else:
+            rows = await self.db.fetch_all(
+                self._sql.shard_counts,
+                (self.run_id, self.shard.count, self.shard.index),
+                action="reading the ledger",
+            )
         return {str(r["state"]): int(r["n"]) for r in rows}
+
+    async def run_status(self) -> RunStatus | None:
+        """The run id's state across its shards, for ``pipeline status``."""
+        runs = await self._shard_rows()
+        count = max((int(r[1]) for r in runs), default=1)
+        rows = await self.db.fetch_all(
+            self._sql.all_shard_counts, (count, self.run_id), action="reading the ledger"
+        )
+        return self._sql.run_status(
+            self.run_id, runs, [(r["shard"], r["state"], r["n"], r["last"]) for r in rows]
+        )
 
     async def failed(self) -> list[tuple[str, int, str | None, str | None]]:
         """This run's failed items: ``(key as JSON, attempts, stage, error)``, by key."""
@@ -302,8 +388,20 @@ async def mysql_ledger(
             ``create_table`` is false.
     """
     db = await shared_database(ctx, database)
+    if db.dialect == "sqlite" and ctx.shard is not None and ctx.shard.count > 1:
+        raise ConfigError(
+            f"the ledger on database {database!r} is an SQLite file, on one machine: the {ctx.shard.count} "
+            "shards of a run, on several machines, would each keep their own. Keep the ledger on a "
+            "MySQL/MariaDB database that every shard reaches, or run without --shard",
+            location="pipeline.ledger.database",
+        )
     ledger = TableLedger(
-        db, table=table, pipeline=ctx.pipeline, run_id=ctx.run_id, flush_interval=flush_interval
+        db,
+        table=table,
+        pipeline=ctx.pipeline,
+        run_id=ctx.run_id,
+        flush_interval=flush_interval,
+        shard=ctx.shard,
     )
     await ledger.open(create_table=create_table)
     yield ledger

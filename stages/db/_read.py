@@ -9,16 +9,24 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from pipeline import ConfigError, Context, Item, TransientError, factory
+from pipeline import ConfigError, Context, Item, Shard, TransientError, encode_key, factory, shards_itself
 
 from .._options import Identifier, PositiveInt, Seconds
 from ._database import DatabaseName, shared_database
 from ._errors import DatabaseError
-from ._sql import _keyset_queries, _same_key_query, _translate_sql
+from ._sql import _keyset_queries, _same_key_query, _shard_condition, _translate_sql
 
 __all__ = ["read_rows"]
 
 log = logging.getLogger("stages.db")
+
+
+def _owns(shard: Shard, key: Any) -> bool:
+    """The engine's test (see ``pipeline.Shard.owns``); a key that cannot be encoded is shard 0's."""
+    try:
+        return shard.owns(encode_key(key))
+    except (TypeError, ValueError):
+        return shard.index == 0
 
 
 def _no_placeholders(query: str) -> str:
@@ -36,6 +44,7 @@ _RECONNECT_MAX_WAIT = 10.0
 """The longest single wait between two attempts at a chunk."""
 
 
+@shards_itself
 @factory
 @contextlib.asynccontextmanager
 async def read_rows(
@@ -77,6 +86,17 @@ async def read_rows(
     the rows after the last key already yielded, so no row is skipped or read twice. The pool
     drops the connection of a failed statement and opens a new one on the next use.
 
+    Sharded runs (``--shard K/N``): the shard's rows are chosen in SQL, with
+    ``CRC32(CAST(q.<key> AS CHAR)) % N = K`` added to every chunk's query. For an integer key
+    that is exactly the engine's partition (``crc32`` of :func:`pipeline.encode_key`), which the
+    ledger's per-shard counts use, and each row is checked against it as it is yielded. No index
+    serves the test: every shard walks the key index through the whole result, about N x
+    ``chunk_size`` entries per chunk of its own, so the database reads N times what one run
+    would, while the rows sent, and everything after, are divided by N. A key of another type
+    (text, whose encoding is JSON) is not pushed down: the shard reads every row and keeps its
+    own by the engine's test, as the engine would; one ``LIMIT 1`` query looks at the key's type
+    when the source opens.
+
     Args:
         ctx: The engine's context.
         database: The ``[databases.<name>]`` to read from.
@@ -108,9 +128,9 @@ async def read_rows(
         raise ConfigError(f"the read_rows query takes no ? placeholders, got {query!r}; inline the values")
     # A first night (no since yet) reads everything, even with watermark_column set.
     column = watermark_column if since is not None else None
-    first_sql, next_sql = _keyset_queries(db.dialect, query, key_column, column)
-    same_sql = _same_key_query(db.dialect, query, key_column, column)
     prefix: tuple[Any, ...] = () if column is None else (since,)
+    shard = ctx.shard if ctx.shard is not None and ctx.shard.count > 1 else None
+    condition = None
 
     async def fetch(sql: str, params: tuple[Any, ...], action: str) -> list[Item]:
         import tenacity  # deferred: only a source that is used pays for the import
@@ -162,6 +182,38 @@ async def read_rows(
             )
         return key
 
+    if shard is not None:
+        # Only an integer key's text is its encoding: look at the first row's key.
+        probe_sql, _ = _keyset_queries(db.dialect, query, key_column, column)
+        probe = await fetch(probe_sql, (*prefix, 1), "looking at the key column's type")
+        if probe and type(probe[0].get(key_column)) is int:
+            condition = _shard_condition(db.dialect, key_column, shard.index, shard.count)
+        elif probe:
+            log.info(
+                "read_rows: %s is not an integer column, so shard %s reads every row and keeps its own",
+                key_column,
+                shard,
+            )
+    first_sql, next_sql = _keyset_queries(db.dialect, query, key_column, column, condition)
+    same_sql = _same_key_query(db.dialect, query, key_column, column, condition)
+
+    def owned(chunk: list[Item]) -> list[Item]:
+        """The rows of ``chunk`` this shard owns, by the engine's test; when SQL chose them
+        already, a row it disagrees on is an error rather than a lost or doubled item."""
+        assert shard is not None
+        mine = [row for row in chunk if _owns(shard, row.get(key_column))]
+        if condition is not None and len(mine) != len(chunk):
+            stray = next(row.get(key_column) for row in chunk if not _owns(shard, row.get(key_column)))
+            raise DatabaseError(
+                f"read_rows on database {db.name!r}: the shard filter in SQL gave shard {shard} the "
+                f"row with {key_column}={stray!r}, which the engine's partition puts elsewhere; a key "
+                "column with values of several types cannot be sharded in SQL",
+                database=db.name,
+                dsn=db.dsn,
+                action="reading rows",
+            )
+        return mine
+
     async def rows() -> AsyncGenerator[Item, None]:
         # One row more than a chunk: it shows whether the chunk ends inside a run of equal keys.
         chunk = await fetch(first_sql, (*prefix, chunk_size + 1), "reading the first chunk of rows")
@@ -172,7 +224,7 @@ async def read_rows(
                 last = key_of(chunk[-1])
                 if key_of(peek) == last:
                     chunk = await with_every_copy(chunk, last)
-            for row in chunk:
+            for row in owned(chunk) if shard is not None else chunk:
                 yield row
             if not more:
                 return

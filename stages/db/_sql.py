@@ -88,41 +88,70 @@ def _translate_sql(sql: str, dialect: Dialect) -> tuple[str, int]:
     return "".join(out), count
 
 
+def _shard_condition(dialect: Dialect, key_column: str, index: int, count: int) -> str:
+    """The SQL test that a row of the wrapped query (``q``) belongs to shard ``index`` of ``count``.
+
+    ``CRC32(<key as text>) % count = index``: for an integer key (or NULL), the text is
+    :func:`pipeline.encode_key`'s, so this is exactly :meth:`pipeline.Shard.owns`. MySQL and
+    MariaDB have ``CRC32``; the SQLite connections of this package register a ``crc32`` function
+    that computes the same (:func:`zlib.crc32` of the UTF-8 text). No index serves it.
+    """
+    if type(index) is not int or type(count) is not int or not 0 <= index < count:
+        raise ConfigError(f"shard {index!r}/{count!r} is not a shard; shards are K/N with 0 <= K < N")
+    text = "CHAR" if dialect == "mysql" else "TEXT"
+    # A NULL key encodes as "null": the shard that owns that text gets the row, and fails it.
+    return f"CRC32(COALESCE(CAST(q.{_quote(dialect, key_column)} AS {text}), 'null')) % {count} = {index}"
+
+
 def _keyset_queries(
-    dialect: Dialect, query: str, key_column: str, watermark_column: str | None = None
+    dialect: Dialect,
+    query: str,
+    key_column: str,
+    watermark_column: str | None = None,
+    condition: str | None = None,
 ) -> tuple[str, str]:
     """Return the first-chunk and next-chunk statements (``?`` placeholders) for ``query``.
 
     Without ``watermark_column`` their parameters are ``(limit)`` and ``(last key, limit)``; with
-    it, ``(since, limit)`` and ``(since, last key, limit)``.
+    it, ``(since, limit)`` and ``(since, last key, limit)``. ``condition`` (SQL text without
+    placeholders, such as :func:`_shard_condition`'s) is a further test on the rows of ``q``.
 
     Raises:
         ConfigError: ``key_column`` or ``watermark_column`` is not a plain identifier.
     """
-    body = query.strip().rstrip(";").rstrip()
+    inner, tests = _wrapped(dialect, query, watermark_column, condition)
     key = f"q.{_quote(dialect, key_column)}"
-    # The newlines keep a trailing `-- comment` in the user's query from eating the wrapper.
-    inner = f"SELECT * FROM (\n{body}\n) AS q"
-    if watermark_column is None:
-        first = f"{inner} ORDER BY {key} LIMIT ?"
-        following = f"{inner} WHERE {key} > ? ORDER BY {key} LIMIT ?"
-    else:
-        changed = f"q.{_quote(dialect, watermark_column)} > ?"
-        first = f"{inner} WHERE {changed} ORDER BY {key} LIMIT ?"
-        following = f"{inner} WHERE {changed} AND {key} > ? ORDER BY {key} LIMIT ?"
+    first = f"{inner}{_where(tests)} ORDER BY {key} LIMIT ?"
+    following = f"{inner}{_where([*tests, f'{key} > ?'])} ORDER BY {key} LIMIT ?"
     return first, following
 
 
 def _same_key_query(
-    dialect: Dialect, query: str, key_column: str, watermark_column: str | None = None
+    dialect: Dialect,
+    query: str,
+    key_column: str,
+    watermark_column: str | None = None,
+    condition: str | None = None,
 ) -> str:
     """Return the statement for every row of ``query`` whose key equals a given one.
 
     Its parameters are ``(key)``, or ``(since, key)`` with ``watermark_column``.
     """
+    inner, tests = _wrapped(dialect, query, watermark_column, condition)
+    return f"{inner}{_where([*tests, f'q.{_quote(dialect, key_column)} = ?'])}"
+
+
+def _wrapped(
+    dialect: Dialect, query: str, watermark_column: str | None, condition: str | None
+) -> tuple[str, list[str]]:
     body = query.strip().rstrip(";").rstrip()
-    key = f"q.{_quote(dialect, key_column)}"
+    # The newlines keep a trailing `-- comment` in the user's query from eating the wrapper.
     inner = f"SELECT * FROM (\n{body}\n) AS q"
-    if watermark_column is None:
-        return f"{inner} WHERE {key} = ?"
-    return f"{inner} WHERE q.{_quote(dialect, watermark_column)} > ? AND {key} = ?"
+    tests = [] if watermark_column is None else [f"q.{_quote(dialect, watermark_column)} > ?"]
+    if condition is not None:
+        tests.append(condition)
+    return inner, tests
+
+
+def _where(tests: Sequence[str]) -> str:
+    return f" WHERE {' AND '.join(tests)}" if tests else ""

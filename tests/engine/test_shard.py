@@ -194,3 +194,30 @@ def test_shards_itself_needs_a_factory() -> None:
     """Marking a plain source is refused: it has no context to learn its shard from."""
     with pytest.raises(ConfigError, match=r"is not a @pipeline\.factory"):
         pipeline.shards_itself(_rows)
+
+
+def test_a_shard_runs_with_its_share_of_the_database() -> None:
+    """A database of concurrency 5, shards 2 at a time: inside shard 0 (below 5 % 2) a stage's
+    handle has 3 slots, inside shard 1 it has 2, and the stage's ceiling follows."""
+    seen: dict[int, tuple[int, int]] = {}
+
+    def opener(index: int) -> Any:
+        @pipeline.factory
+        @contextlib.asynccontextmanager
+        async def uses_db(ctx: Context) -> AsyncIterator[Any]:
+            handle = ctx.database("catalog")
+            seen[index] = (handle.limiter.total, ctx.ceiling or 0)
+            yield _stage
+
+        return uses_db
+
+    for index in (0, 1):
+        p = Pipeline(
+            source=Source(_rows, options={"count": 3}),
+            stages=[Stage(opener(index), concurrency=8)],
+            databases={"catalog": Database("sqlite:///unused.db", concurrency=5)},
+            ledger=False,
+            report_dir=None,
+        )
+        pipeline.run(p, shard=Shard(index, 4), parallel=2, handle_signals=False)
+    assert seen == {0: (3, 3), 1: (2, 2)}
