@@ -127,6 +127,8 @@ class ShardedReport:
         items: The shards' last attempts' item counts, summed.
         already_done: Items that the shards' last attempts found done in the ledger, summed.
         shards: Each shard's outcome, by index.
+        run_totals: How every item of the run stands in the ledger (``done``, ``failed``,
+            ``skipped``): the shards' own totals summed, when every shard reported them.
     """
 
     pipeline: str
@@ -139,6 +141,7 @@ class ShardedReport:
     items: ItemCounts
     already_done: int
     shards: list[ShardOutcome]
+    run_totals: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data."""
@@ -170,6 +173,12 @@ def combine(
         *(sum(getattr(r.items, f.name) for r in reports) for f in dataclasses.fields(ItemCounts))
     )
     code = max((o.exit_code for o in outcomes), default=0)
+    totals: dict[str, int] | None = None
+    if outcomes and all(o.report is not None and o.report.run_totals is not None for o in outcomes):
+        totals = {}
+        for r in reports:
+            for state, n in (r.run_totals or {}).items():
+                totals[state] = totals.get(state, 0) + n
     return ShardedReport(
         pipeline=pipeline,
         run_id=run_id,
@@ -181,6 +190,7 @@ def combine(
         items=items,
         already_done=sum(r.already_done for r in reports),
         shards=sorted(outcomes, key=lambda o: int(o.shard.partition("/")[0])),
+        run_totals=totals,
     )
 
 

@@ -205,6 +205,12 @@ def _run_on_dask(args: argparse.Namespace) -> int:
                 "scheduler (to run one shard of a run here, give --shard K/N)",
                 location="--dask" if args.dask is None else "--shards",
             )
+        if args.shard is not None:
+            raise ConfigError(
+                "--shard K/N runs one shard here, --shards N --dask ADDRESS runs all N on Dask; "
+                "give one of them",
+                location="--shard",
+            )
         if args.metrics_textfile is not None:
             raise ConfigError(
                 "--metrics-textfile describes one process's run; with --dask each shard's report.json "
@@ -218,6 +224,7 @@ def _run_on_dask(args: argparse.Namespace) -> int:
             shards=args.shards,
             address=args.dask,
             run_id=args.run_id,
+            parallel=args.parallel,
             limit=args.limit,
             retry_failed=args.retry_failed,
         )
