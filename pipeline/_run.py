@@ -50,9 +50,17 @@ from ._threads import installed, open_executor, shutdown
 from ._tickets import Tally
 from ._timeline import Timeline, open_sampler
 
-__all__ = ["Run", "default_run_id", "run", "run_async"]
+__all__ = ["Run", "default_run_id", "run", "run_async", "run_directory"]
 
 log = logging.getLogger("pipeline")
+
+
+def run_directory(report_dir: Path, run_id: str, shard: Shard | None) -> Path:
+    """Where a run (or one shard of it: ``<run id>/shard-K-of-N``) writes its report and dead
+    letters; the shards of a run may share a disk."""
+    if shard is None or shard.count == 1:
+        return report_dir / run_id
+    return report_dir / run_id / f"shard-{shard.index}-of-{shard.count}"
 
 
 def default_run_id(name: str) -> str:
@@ -156,10 +164,11 @@ class Run:
         self.limit = limit
         self.report_path = report_path
         self.progress = progress
-        self.run_dir = pipeline.report_dir / self.run_id if pipeline.report_dir is not None else None
-        if self.run_dir is not None and shard is not None and shard.count > 1:
-            # The shards of a run may share a disk: each keeps its own report and dead letters.
-            self.run_dir = self.run_dir / f"shard-{shard.index}-of-{shard.count}"
+        self.run_dir = (
+            run_directory(pipeline.report_dir, self.run_id, shard)
+            if pipeline.report_dir is not None
+            else None
+        )
         dead_path = (
             self.run_dir / "dead_letters.jsonl"
             if self.run_dir is not None

@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
 
         write_textfile(report, metrics)
     if pipeline.report_dir is not None:
-        run_dir = pipeline.report_dir / report.run_id
+        from ._run import run_directory
+
+        run_dir = run_directory(pipeline.report_dir, report.run_id, shard)
         page = run_dir / "report.html"  # absent only when it could not be made (logged above)
         notice(f"report: {page if page.exists() else run_dir / 'report.json'}", run_id=report.run_id)
     if report.abandoned_threads:
