@@ -401,6 +401,7 @@ def run_shard(task: ShardTask) -> ShardOutcome:
                     retry_failed=task.retry_failed,
                     progress=False,
                     handle_signals=False,  # a worker thread: signals are the worker's business
+                    page=False,  # matplotlib would hold the worker 1-3 s a shard: `pipeline report`
                 )
             )
         except ConfigError as exc:

@@ -235,6 +235,13 @@ def _run_on_dask(args: argparse.Namespace) -> int:
     except (PipelineError, ModuleNotFoundError) as exc:
         notice(f"run failed: {exc}", logging.ERROR)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        notice(
+            "interrupted: no longer waiting; shards already running in workers run to their end "
+            "(a thread cannot be stopped). Run the same command with the same --run-id to resume the rest",
+            logging.WARNING,
+        )
+        return 130
     if args.report is not None:
         report.write(args.report)
     _print_sharded(report)
