@@ -21,8 +21,10 @@
   its worker's event loop; a stage call that holds the GIL longer than the timeout lets the
   leases lapse while the shard still uses them: the cap is overbooked until it ends.
 * Signals: a shard runs in a worker thread, where no signal handler can be installed, and none
-  is tried. A worker preempted (SIGTERM) or killed ends its shard abruptly, without a grace
-  period; Dask runs the shard again elsewhere and the ledger resumes it.
+  is tried. A worker told to stop (SIGTERM: a preemption) starts closing, and Dask at once runs
+  its shard again elsewhere; the shard sees its worker closing and stops as a signal would (no
+  more reads, the grace period for what is in flight), so the rerun redoes little. A worker
+  killed outright ends its shard with nothing drained; the ledger resumes the rerun either way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._definition import PipelineDefinition, _with, parse_rate
 from ._exceptions import ConfigError, PipelineError, ResourceError
+from ._logs import run_id_context
 from ._report import ItemCounts, RunReport
-from ._run import default_run_id, run_async
+from ._run import Run, default_run_id
 from ._shard import Shard, cap_share
 
 if TYPE_CHECKING:
@@ -53,6 +57,8 @@ log = logging.getLogger("pipeline")
 
 LEASE_TIMEOUT_KEY = "distributed.scheduler.locks.lease-timeout"
 VALIDATION_KEY = "distributed.scheduler.locks.lease-validation-interval"
+WATCH_INTERVAL = 0.2
+"""Seconds between looks at the worker's status, to stop a shard once its worker is closing."""
 SLOTS = "shards"
 """The lease key of the semaphore of ``P`` running shards, beside ``databases.<name>``."""
 
@@ -387,29 +393,48 @@ def run_shard(task: ShardTask) -> ShardOutcome:
     from distributed import get_worker
 
     label = str(task.shard)
-    worker = get_worker().address
+    worker = get_worker()
+    where = str(worker.address)
     with dask.config.set({LEASE_TIMEOUT_KEY: task.lease_timeout}), _held(task.leases, label) as held:
         try:
-            pipeline = _load(task.config)
-            report = asyncio.run(
-                run_async(
-                    _sized(pipeline, held, task.parallel),
-                    shard=task.shard,
-                    parallel=1,  # the caps are divided already: by the leases held
-                    run_id=task.run_id,
-                    limit=task.limit,
-                    retry_failed=task.retry_failed,
-                    progress=False,
-                    handle_signals=False,  # a worker thread: signals are the worker's business
-                    page=False,  # matplotlib would hold the worker 1-3 s a shard: `pipeline report`
-                )
+            runner = Run(
+                _sized(_load(task.config), held, task.parallel),
+                shard=task.shard,
+                parallel=1,  # the caps are divided already: by the leases held
+                run_id=task.run_id,
+                limit=task.limit,
+                retry_failed=task.retry_failed,
+                progress=False,
             )
+            with run_id_context(runner.run_id):
+                report = asyncio.run(_run_until_closing(runner, worker, label))
         except ConfigError as exc:
-            return ShardOutcome(label, "failed", 2, worker, held, error=f"config error: {exc}")
+            return ShardOutcome(label, "failed", 2, where, held, error=f"config error: {exc}")
         except PipelineError as exc:
             failed: RunReport | None = getattr(exc, "report", None)
-            return ShardOutcome(label, "failed", 1, worker, held, failed, f"{type(exc).__name__}: {exc}")
-    return ShardOutcome(label, report.status, report.exit_code, worker, held, report, report.error)
+            return ShardOutcome(label, "failed", 1, where, held, failed, f"{type(exc).__name__}: {exc}")
+    return ShardOutcome(label, report.status, report.exit_code, where, held, report, report.error)
+
+
+async def _run_until_closing(runner: Run, worker: Any, label: str) -> RunReport:
+    """Run the shard; when its worker starts closing (SIGTERM, a preemption), stop it as a
+    signal would: read no more, give what is in flight the grace period. No handler is installed
+    (a worker thread cannot have one): the worker's own status is watched instead."""
+    from distributed.core import Status
+
+    async def watch() -> None:
+        # Polled: the worker's status changes on its own loop, which offers another thread no event.
+        while worker.status in (Status.init, Status.running, Status.paused):  # noqa: ASYNC110
+            await asyncio.sleep(WATCH_INTERVAL)
+        log.warning("shard %s: its worker is closing (%s); stopping the shard", label, worker.status.name)
+        runner.request_stop(signal.SIGTERM)
+
+    watcher = asyncio.create_task(watch(), name="pipeline-dask-worker-watch")
+    try:
+        # Signals are the worker's; a page would hold it 1-3 s (`pipeline report` draws it).
+        return await runner.run(handle_signals=False, page=False)
+    finally:
+        watcher.cancel()
 
 
 def _load(config: str | PipelineDefinition) -> PipelineDefinition:
@@ -470,5 +495,15 @@ def _take(semaphore: Semaphore, lease: Lease, label: str) -> int:
 
 
 def _give_back(semaphore: Semaphore, count: int) -> None:
+    """Release ``count`` leases; from a closing worker, whose way to the scheduler may be gone,
+    leave them to lapse after the lease timeout rather than hang its exit on retries."""
+    from distributed import get_worker
+    from distributed.core import Status
+
+    if get_worker().status is not Status.running:
+        log.warning(
+            "the worker is closing: %d leases of %s lapse after the lease timeout", count, semaphore.name
+        )
+        return
     for _ in range(count):
         semaphore.release()
