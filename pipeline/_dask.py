@@ -261,7 +261,8 @@ def run_on_dask(
         address: The scheduler (``tcp://host:8786``), or a connected ``distributed.Client``.
         run_id: The run id every shard shares; by default the pipeline's name and today's date.
         parallel: How many shards may run at once (``P``, each taking its share of the caps);
-            by default the cluster's worker threads when the shards are submitted, at most N.
+            by default the cluster's worker threads when the shards are submitted, at most N
+            and at most the smallest database ``concurrency``.
         limit: Read at most this many items in each shard.
         retry_failed: On a rerun of ``run_id``, take the failed items again too.
 
@@ -301,7 +302,10 @@ def run_on_dask(
             client = address
         where = str(client.scheduler.address)
         threads = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
-        p = parallel or max(1, min(shards, threads or shards))
+        # By default as many at once as the cluster runs, and never so many that a cap has no
+        # lease for one of them; an explicit --parallel above a cap is refused instead.
+        caps = [db.concurrency for db in pipeline.databases.values()]
+        p = parallel or max(1, min([shards, threads or shards, *caps]))
         plans = _plan(pipeline, run_id, shards, p)
         timeout = dask.config.get(LEASE_TIMEOUT_KEY)
         _log_lease_settings(client, timeout)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import Shard, encode_key
+from pipeline import ItemCounts, RunReport, Shard, encode_key
+from pipeline._dask import ShardOutcome, combine
 from tests.engine.cli import run_cli
 from tests.fixtures.dask import DaskCluster
 
@@ -102,3 +103,28 @@ def test_shards_on_a_real_cluster_read_each_item_once(
         assert shard["leases"]["shards"] == 1
         assert (tmp_path / "runs" / "r1" / f"shard-{k}-of-3" / "report.json").is_file()
     assert "3 shards on tcp://127.0.0.1" in result.stdout
+
+
+def _report(shard: str, status: str, code: int, read: int, totals: dict[str, int]) -> RunReport:
+    return RunReport(
+        pipeline="p", run_id="r", status=status, exit_code=code, wall_s=1.0, stages=[], shard=shard,
+        items=ItemCounts(read, read - 1, 1, 0, 0), already_done=2, run_totals=totals,
+    )  # fmt: skip
+
+
+def test_combined_status_is_the_worst_shard_and_counts_add_up() -> None:
+    """The combined report sums the shards' items and ledger totals, sorts the shards by index,
+    and exits with the highest shard code; a shard without a report leaves the totals unknown."""
+    ok = ShardOutcome("1/3", "ok", 0, report=_report("1/3", "ok", 0, 5, {"done": 4, "failed": 1}))
+    failed = ShardOutcome("0/3", "failed", 1, report=_report("0/3", "failed", 1, 7, {"done": 6, "failed": 1}))
+    both = combine("p", "r", [ok, failed], wall_s=2.5, address="tcp://x", parallel=2)
+    assert [s.shard for s in both.shards] == ["0/3", "1/3"]
+    assert (both.status, both.exit_code) == ("failed", 1)
+    assert both.items == ItemCounts(12, 10, 2, 0, 0)
+    assert (both.already_done, both.run_totals) == (4, {"done": 10, "failed": 2})
+    lost = ShardOutcome("2/3", "lost", 1, error="KilledWorker: ...")
+    config = ShardOutcome("2/3", "failed", 2, error="config error: ...")
+    assert combine("p", "r", [ok, lost], wall_s=1, address="a", parallel=1).run_totals is None
+    assert combine("p", "r", [ok, lost], wall_s=1, address="a", parallel=1).status == "failed"
+    assert combine("p", "r", [ok, config, failed], wall_s=1, address="a", parallel=1).exit_code == 2
+    assert combine("p", "r", [ok], wall_s=1, address="a", parallel=1).status == "ok"
