@@ -141,7 +141,7 @@ async def test_a_page_that_cannot_be_drawn_leaves_the_run_and_report_json_alone(
     def broken(run_dir: Path) -> Path:
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr("pipeline._run.write_report_html", broken)
+    monkeypatch.setattr("pipeline._html.write_report_html", broken)
     with caplog.at_level(logging.ERROR, logger="pipeline"):
         report, run_dir = await finished_run(tmp_path)
     assert report.status == "ok"
