@@ -199,8 +199,13 @@ class TableLedger(BufferedLedger):
         await self._migrate_runs(create_table=create_table)
         if isinstance(self._sql, _MySQLLedgerSQL):
             await self._upgrade(self._sql, create_table=create_table)
-        row = await self.db.fetch_one(self._sql.has_items, (self.run_id,), action="reading the ledger")
-        self.resuming = row is not None
+        if self.shard is None:
+            row = await self.db.fetch_one(self._sql.has_items, (self.run_id,), action="reading the ledger")
+            self.resuming = row is not None
+        else:
+            # Other shards' items say nothing of this one's: it resumes if it started before (its
+            # runs row is written before any of its items), else it pays no lookup per item.
+            self.resuming = any(int(r[0]) == self.shard.index for r in await self._shard_rows())
 
     async def states(self, keys: Sequence[object]) -> list[str | None]:
         """See :meth:`pipeline.RunLedger.states`: one ``IN (...)`` query per 500 keys."""
