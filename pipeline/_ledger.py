@@ -216,6 +216,7 @@ class LedgerSQL:
         runs: The name of the :data:`LEDGER_RUNS` table in this store.
 
     Attributes:
+        runs_name: The runs table's name, unquoted (for statements that derive names from it).
         create: The ``CREATE TABLE IF NOT EXISTS`` statements, items first.
         record: Upsert one item row; parameters in :data:`LEDGER_ITEMS` column order.
         start_run: Note a run id's shard (re)started; parameters ``(run_id, shard, shards,
