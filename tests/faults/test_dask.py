@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,10 @@ def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
                 cluster.workers[killed].process.wait(timeout=60)
         finally:
             hold.set()
-        code = run.wait(timeout=120)
+        try:
+            code = run.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run did not end:\n{run.stderr}\n{cluster.logs()}") from None
         used = _status(admin, "Max_used_connections")
 
     assert code == 0, run.stderr
