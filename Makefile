@@ -17,7 +17,8 @@ PIP_LOG := $(VENV)/pip.log
 pip = $(PY) -m pip --quiet --disable-pip-version-check --no-input $(1) >>$(PIP_LOG) 2>&1 \
 	|| { cat $(PIP_LOG); echo "make: pip $(1) failed; its log is $(PIP_LOG)" >&2; exit 1; }
 
-# dev: the engine, the stages, matplotlib (report.html, tune --plot) and the test and lint tools.
+# dev: the engine, the stages, matplotlib (report.html, tune --plot), dask[distributed] (the Dask tests)
+# and the test and lint tools.
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV): the engine, the stages and the dev tools (once; log in $(PIP_LOG))"
 	@$(PYTHON) -m venv $(VENV)

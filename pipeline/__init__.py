@@ -27,6 +27,7 @@ checks it with import-linter)::
     _run          the run: open, flow under one TaskGroup, stop and grace, close, report
     _pipeline     Pipeline: the definition that runs itself
     _config       config.toml -> Pipeline (tomllib + pydantic)
+    _dask         `run --shards N --dask ADDRESS`: the shards as Dask tasks, caps held by leases
     _deadletters  a run's dead letters, grouped
     _status       `pipeline status`: each shard's state from the ledger, as a table or JSON
     _metrics      the report as Prometheus metrics

@@ -121,21 +121,27 @@ def _plain(value: Any) -> Any:
 
 
 def write_run_page(
-    run_dir: Path, timeline: Timeline | None, pipeline: PipelineDefinition, interrupted: bool
+    run_dir: Path,
+    timeline: Timeline | None,
+    pipeline: PipelineDefinition,
+    interrupted: bool,
+    draw: bool = True,
 ) -> None:
     """Write timeline.json and report.html beside a run's report.json. A failure is logged
     (stderr), never raised: the run's outcome is report.json's, and it is written already.
 
     An interrupted run gets no page: the grace period is what the scheduler's kill timeout
-    allows, and drawing takes seconds. ``pipeline report RUN_DIR`` makes it afterwards.
+    allows, and drawing takes seconds. ``pipeline report RUN_DIR`` makes it afterwards, as it
+    does for a run told not to ``draw`` (a shard on Dask, whose worker has the next shard to run).
     """
     page = run_dir / REPORT_HTML
     try:
         if timeline is not None:
             timeline.write(run_dir / TIMELINE_JSON, settings=describe_settings(pipeline))
-        if interrupted:
+        if interrupted or not draw:
             page.unlink(missing_ok=True)
-            log.info("no report.html for an interrupted run; `pipeline report %s` makes it", run_dir)
+            why = "an interrupted run" if interrupted else "this run"
+            log.info("no report.html for %s; `pipeline report %s` makes it", why, run_dir)
             return
         write_report_html(run_dir)
     except Exception as exc:

@@ -90,6 +90,7 @@ async def run_async(
     only_failed: bool = False,
     shard: Shard | None = None,
     parallel: int | None = None,
+    page: bool = True,
 ) -> RunReport:
     """Run ``pipeline`` on the running event loop and return its report.
 
@@ -108,6 +109,8 @@ async def run_async(
             same run id and ledger as the other shards. ``None`` runs them all.
         parallel: How many shards of the run run at once (default: all of them); each takes
             its share of every database's ``concurrency`` and every stage's ``rate``.
+        page: Draw ``report.html`` beside ``report.json`` (matplotlib: a second or two);
+            ``False`` leaves it to ``pipeline report RUN_DIR`` (shards on Dask do).
 
     Raises:
         PipelineError: The run failed (a config error, the source, a resource). Any error that
@@ -126,7 +129,7 @@ async def run_async(
         parallel=parallel,
     )
     with run_id_context(runner.run_id):  # the run's log records carry its id
-        return await runner.run(handle_signals=handle_signals)
+        return await runner.run(handle_signals=handle_signals, page=page)
 
 
 def run(pipeline: PipelineDefinition, **kwargs: Any) -> RunReport:
@@ -229,7 +232,7 @@ class Run:
 
     # -- the run -------------------------------------------------------------------------
 
-    async def run(self, *, handle_signals: bool = False) -> RunReport:
+    async def run(self, *, handle_signals: bool = False, page: bool = True) -> RunReport:
         """Open everything, run the flow, close everything, and return the report."""
         self._check_paths()
         loop = asyncio.get_running_loop()
@@ -265,7 +268,12 @@ class Run:
         if self.run_dir is not None:
             # matplotlib takes a second or two to import and draw: off the loop.
             await asyncio.to_thread(
-                write_run_page, self.run_dir, self.timeline, self.pipeline, report.status == "interrupted"
+                write_run_page,
+                self.run_dir,
+                self.timeline,
+                self.pipeline,
+                report.status == "interrupted",
+                page,
             )
         if error is not None:
             error.report = report  # type: ignore[attr-defined]

@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write the report as Prometheus metrics here (node_exporter's textfile collector)",
     )
+    run.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="with --dask: run the pipeline as N shards, one Dask task each, under one run id",
+    )
+    run.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="the Dask scheduler that runs the --shards (tcp://host:8786; needs the dask extra)",
+    )
     group = run.add_mutually_exclusive_group()
     group.add_argument(
         "--progress",
@@ -182,6 +193,93 @@ def _report_page(run_dir: Path) -> int:
     return EXIT_OK
 
 
+def _run_on_dask(args: argparse.Namespace) -> int:
+    """``run --shards N --dask ADDRESS``: the shards as Dask tasks, one combined status."""
+    from . import ConfigError, PipelineError
+    from ._logs import notice
+
+    try:
+        if args.dask is None or args.shards is None:
+            raise ConfigError(
+                "--shards N and --dask ADDRESS go together: the shards run as tasks on that Dask "
+                "scheduler (to run one shard of a run here, give --shard K/N)",
+                location="--dask" if args.dask is None else "--shards",
+            )
+        if args.shard is not None:
+            raise ConfigError(
+                "--shard K/N runs one shard here, --shards N --dask ADDRESS runs all N on Dask; "
+                "give one of them",
+                location="--shard",
+            )
+        if args.metrics_textfile is not None:
+            raise ConfigError(
+                "--metrics-textfile describes one process's run; with --dask each shard's report.json "
+                "is in its shard-K-of-N directory. Drop --metrics-textfile",
+                location="--metrics-textfile",
+            )
+        from ._dask import run_on_dask
+
+        report = run_on_dask(
+            args.config,
+            shards=args.shards,
+            address=args.dask,
+            run_id=args.run_id,
+            parallel=args.parallel,
+            limit=args.limit,
+            retry_failed=args.retry_failed,
+        )
+    except ConfigError as exc:
+        where = "" if exc.file else f"{args.config}: "
+        notice(f"config error: {where}{exc}", logging.ERROR)
+        return EXIT_USAGE
+    except (PipelineError, ModuleNotFoundError) as exc:
+        notice(f"run failed: {exc}", logging.ERROR)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        notice(
+            "interrupted: no longer waiting; shards already running in workers run to their end "
+            "(a thread cannot be stopped). Run the same command with the same --run-id to resume the rest",
+            logging.WARNING,
+        )
+        return 130
+    if args.report is not None:
+        report.write(args.report)
+    _print_sharded(report)
+    return report.exit_code
+
+
+def _print_sharded(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    items = report.items
+    table = Table(
+        title=(
+            f"{report.pipeline} [{report.run_id}] {report.status} in {report.wall_s:.2f}s, "
+            f"{len(report.shards)} shards on {report.address} ({report.parallel} at once): "
+            f"read {items.read}, ok {items.ok}, failed {items.failed}, skipped {items.skipped}, "
+            f"already done {report.already_done}"
+        ),
+        title_justify="left",
+    )
+    for column in ("shard", "status", "read", "ok", "failed", "skipped", "already done", "wall s", "worker"):
+        table.add_column(column, justify="left" if column in ("shard", "status", "worker") else "right")
+    for shard in report.shards:
+        r = shard.report
+        figures = (
+            [str(v) for v in (r.items.read, r.items.ok, r.items.failed, r.items.skipped, r.already_done)]
+            + [f"{r.wall_s:.2f}"]
+            if r is not None
+            else ["-"] * 6
+        )
+        table.add_row(shard.shard, shard.status, *figures, shard.worker or "-")
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console.print(table)
+    for shard in report.shards:
+        if shard.error:
+            console.print(f"shard {shard.shard}: {shard.error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script and ``python -m pipeline``."""
     args = _parser().parse_args(argv)
@@ -220,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         where = "" if exc.file else f"{args.config}: "
         notice(f"config error: {where}{exc}", logging.ERROR)
         return EXIT_USAGE
+
+    if args.command == "run" and (args.dask is not None or args.shards is not None):
+        return _run_on_dask(args)
 
     from ._progress import print_summary
 
