@@ -224,8 +224,11 @@ class StageRun:
                 if env is END:
                     inq.put_nowait(END)
                     break
-                if self.workers < limiter.total:
-                    self._spawn()  # the cap was raised while running: grow the pool
+                # The cap was raised while running: grow the pool. (The limiter's slot, not its
+                # property: this runs for every item, and the property call costs as much as the
+                # rest of the check.)
+                if self.workers < limiter._total:
+                    self._spawn()
                 item, ticket = env
                 if self._gate is not None:
                     await self._wait_gate()
