@@ -36,7 +36,7 @@ from stages.db import read_rows
 from tests import images
 from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
 from tests.fixtures.httpserver import LoopbackServer
-from tests.fixtures.mariadb import MariaDB
+from tests.fixtures.mariadb import MariaDB, global_status
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))
@@ -299,12 +299,6 @@ def _same_photo_rows(server: LoopbackServer, count: int) -> list[tuple[int, str]
     return [(i, server.add(f"/{i}.jpg", body)) for i in range(1, count + 1)]
 
 
-def _status(admin: Any, name: str) -> int:
-    with admin.cursor() as cur:
-        cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
-        return int(cur.fetchone()[1])
-
-
 @pytest.mark.mysql
 @pytest.mark.usefixtures("isolated_sys_path")
 def test_server_never_sees_more_connections_than_the_database_cap(
@@ -318,9 +312,9 @@ def test_server_never_sees_more_connections_than_the_database_cap(
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")  # Max_used_connections restarts from those open now
         # Connections of earlier tests may still be closing: they can only go, never come.
-        baseline = _status(admin, "Threads_connected")
+        baseline = global_status(admin, "Threads_connected")
         report = run(config)
-        used = _status(admin, "Max_used_connections")
+        used = global_status(admin, "Max_used_connections")
     assert report.items.ok == 60
     assert 1 <= used - baseline <= 2, (used, baseline)
 

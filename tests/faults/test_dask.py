@@ -33,7 +33,7 @@ from tests.faults.world import (
 from tests.fixtures.catalog import Catalog, mysql_catalog
 from tests.fixtures.dask import DaskCluster, lease_settings
 from tests.fixtures.httpserver import LoopbackServer
-from tests.fixtures.mariadb import MariaDB
+from tests.fixtures.mariadb import MariaDB, global_status
 
 pytestmark = [pytest.mark.mysql]
 
@@ -55,12 +55,6 @@ def _ledger(conn: Any) -> dict[int, str]:
     except Exception:  # the table is not there yet
         return {}
     return {int(json.loads(k)): str(s) for k, s in rows}
-
-
-def _status(admin: Any, name: str) -> int:
-    with admin.cursor() as cur:
-        cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
-        return int(cur.fetchone()[1])
 
 
 def _config(tmp_path: Path, catalog: Catalog) -> Config:
@@ -104,7 +98,7 @@ def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
             cur.execute("SELECT 1")
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")
-        baseline = _status(admin, "Threads_connected")
+        baseline = global_status(admin, "Threads_connected")
         observer = cluster.client()
         run = Run(
             "run", str(config.path), "--shards", str(SHARDS), "--dask", cluster.address,
@@ -141,7 +135,7 @@ def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
             code = run.wait(timeout=120)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the run did not end:\n{run.stderr}\n{cluster.logs()}") from None
-        used = _status(admin, "Max_used_connections")
+        used = global_status(admin, "Max_used_connections")
 
     assert code == 0, run.stderr
     assert 1 <= used - baseline <= CAP, (used, baseline)

@@ -26,18 +26,12 @@ from tests.faults.world import (
 )
 from tests.fixtures.catalog import mysql_catalog
 from tests.fixtures.httpserver import LoopbackServer
-from tests.fixtures.mariadb import MariaDB
+from tests.fixtures.mariadb import MariaDB, global_status
 
 RUN_ID = "night-sharded"
 ROWS = 80
 SHARDS, PARALLEL, CONCURRENCY = 4, 2, 4
 KILLED = 1
-
-
-def _status(admin: Any, name: str) -> int:
-    with admin.cursor() as cur:
-        cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
-        return int(cur.fetchone()[1])
 
 
 def _recorded(admin: Any, database: str, shard: int) -> int:
@@ -106,7 +100,7 @@ def test_four_shards_two_at_a_time_one_killed_then_rerun(
     with contextlib.closing(mysql_db.admin()) as admin:
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")  # Max_used_connections restarts from those open now
-        baseline = _status(admin, "Threads_connected")
+        baseline = global_status(admin, "Threads_connected")
         first, killed = shard(0), shard(KILLED)
         try:
             wait_until(lambda: _recorded(admin, mysql_db.database, KILLED) >= 3, "shard 1 recorded items")
@@ -118,7 +112,7 @@ def test_four_shards_two_at_a_time_one_killed_then_rerun(
         done_before = _recorded(admin, mysql_db.database, KILLED)
         # Its connections go with it; only then may another shard take its slot.
         wait_until(
-            lambda: _status(admin, "Threads_connected") <= baseline + 2,
+            lambda: global_status(admin, "Threads_connected") <= baseline + 2,
             "the killed shard's connections closed",
         )
         third = shard(2)
@@ -128,7 +122,7 @@ def test_four_shards_two_at_a_time_one_killed_then_rerun(
         assert fourth.wait() == 0, fourth.stderr
         again = shard(KILLED)
         assert again.wait() == 0, again.stderr
-        used = _status(admin, "Max_used_connections") - baseline
+        used = global_status(admin, "Max_used_connections") - baseline
 
     assert 1 <= used <= CONCURRENCY, used
     ledger = catalog.run("SELECT `key`, state FROM ledger WHERE run_id = ?", (RUN_ID,))

@@ -50,7 +50,7 @@ from stages.db._database import _SQLiteDatabase
 from stages.db._dsn import _Target
 from stages.db._sql import _keyset_queries, _translate_sql
 from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
-from tests.fixtures.mariadb import MariaDB
+from tests.fixtures.mariadb import MariaDB, global_status
 
 WRONG_PASSWORD = "wrong-pw-SECRET-123"
 
@@ -76,16 +76,6 @@ def _sqlite_backend(path: Path) -> Catalog:
 
 def _mysql_backend(server: MariaDB) -> Catalog:
     return mysql_catalog(server, autocommit=True)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Catalog:
-    """A fresh database of each kind; MariaDB gets its password from the environment."""
-    if request.param == "sqlite":
-        return _sqlite_backend(tmp_path / "catalog.db")
-    server: MariaDB = request.getfixturevalue("mysql_db")
-    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", server.password)
-    return _mysql_backend(server)
 
 
 @pytest.fixture
@@ -118,12 +108,6 @@ def _free_port() -> int:
 def _admin(backend: Catalog) -> Any:
     assert backend.server is not None
     return backend.server.admin()
-
-
-def _status(conn: Any, name: str) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
-        return int(cur.fetchone()[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,7 +600,7 @@ async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Catalog
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")
         # Connections closed just before may linger briefly; they can only go away, never come.
-        baseline = _status(admin, "Threads_connected")
+        baseline = global_status(admin, "Threads_connected")
         query = "SELECT url FROM catalog WHERE id = ?"
         async with (
             lookup(harness.context("lookup"), database="catalog", query=query, params=["id"]) as find,
@@ -627,7 +611,7 @@ async def test_mysql_connections_never_exceed_the_limiter(mysql_backend: Catalog
                 return await write(await find({"id": i}))
 
             items = await asyncio.gather(*(one(i) for i in range(1, 51)))
-        used = _status(admin, "Max_used_connections")
+        used = global_status(admin, "Max_used_connections")
     assert [item["url"] for item in items] == [f"https://img.example/{i}.jpg" for i in range(1, 51)]
     assert handle.limiter.statistics().max_borrowed == 3
     assert used - baseline <= 3, (used, baseline)
@@ -643,12 +627,12 @@ async def test_mysql_pool_caps_connections_when_the_limiter_grows(
     with _admin(mysql_backend) as admin:
         with admin.cursor() as cur:
             cur.execute("FLUSH STATUS")
-        baseline = _status(admin, "Threads_connected")
+        baseline = global_status(admin, "Threads_connected")
         query = "SELECT url FROM catalog WHERE id = ?"
         async with lookup(harness.context(), database="catalog", query=query, params=["id"]) as find:
             handle.limiter.total = 10
             items = await asyncio.gather(*(find({"id": i}) for i in range(1, 51)))
-        used = _status(admin, "Max_used_connections")
+        used = global_status(admin, "Max_used_connections")
     assert len(items) == 50
     assert handle.limiter.statistics().max_borrowed > 2
     assert used - baseline <= 2, (used, baseline)

@@ -18,28 +18,17 @@ import pytest
 from pipeline import Batch, Database, Retry, Stage
 from pipeline.testing import Harness, StageRun, run_stages_async
 from stages.db import lookup, write_results
-from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
-from tests.fixtures.mariadb import MariaDB
+from tests.fixtures.catalog import Catalog, sqlite_catalog
+from tests.fixtures.mariadb import global_status
 
 Item = dict[str, Any]
 HOUR = 3600.0
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Catalog:
-    """A fresh database of each kind; MariaDB gets its password from the environment."""
-    if request.param == "sqlite":
-        return sqlite_catalog(tmp_path)
-    server: MariaDB = request.getfixturevalue("mysql_db")
-    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", server.password)
-    return mysql_catalog(server, autocommit=True)
-
-
 def _status(backend: Catalog, name: str) -> int:
     assert backend.server is not None
-    with backend.server.admin() as conn, conn.cursor() as cur:
-        cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
-        return int(cur.fetchone()[1])
+    with backend.server.admin() as conn:
+        return global_status(conn, name)
 
 
 def image_item(i: int) -> Item:

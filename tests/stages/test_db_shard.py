@@ -4,7 +4,6 @@ engine's own partition, and by the engine's test for any other key."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,19 +11,9 @@ import pytest
 from pipeline import Context, Shard, encode_key
 from pipeline.testing import Harness
 from stages.db import read_rows
-from tests.fixtures.catalog import Catalog, mysql_catalog, sqlite_catalog
-from tests.fixtures.mariadb import MariaDB
-from tests.stages.test_db import _status, seed_catalog
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Catalog:
-    """A fresh catalog database of each kind."""
-    if request.param == "sqlite":
-        return sqlite_catalog(tmp_path)
-    server: MariaDB = request.getfixturevalue("mysql_db")
-    monkeypatch.setenv("PIPELINE_DB_CATALOG_PASSWORD", server.password)
-    return mysql_catalog(server, autocommit=True)
+from tests.fixtures.catalog import Catalog, mysql_catalog
+from tests.fixtures.mariadb import MariaDB, global_status
+from tests.stages.test_db import seed_catalog
 
 
 @pytest.fixture
@@ -84,10 +73,10 @@ async def test_the_database_sends_only_the_shards_rows(
     harness.add_database(mysql_backend.dsn)
     assert mysql_backend.server is not None
     with mysql_backend.server.admin() as admin:
-        before = _status(admin, "Rows_sent")
+        before = global_status(admin, "Rows_sent")
         rows = await _collect(
             harness.context("source", shard=Shard(1, 4)), query="SELECT id FROM catalog", chunk_size=100
         )
-        sent = _status(admin, "Rows_sent") - before
+        sent = global_status(admin, "Rows_sent") - before
     assert 400 < len(rows) < 600
     assert sent < len(rows) + 50  # the rows, a probe row, a few chunks' extra row, SHOW STATUS
