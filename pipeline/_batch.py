@@ -75,7 +75,7 @@ class BatchStageRun(StageRun):
     # -- gathering -----------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        limiter, outq = self.limiter, self.outq
+        limiter = self.limiter
         try:
             while True:
                 batch = await self._gather()
@@ -88,11 +88,7 @@ class BatchStageRun(StageRun):
                 await self._run_batch(batch)
         finally:
             self.alive -= 1
-        # Only reached on a normal end (not cancellation): the last worker closes the next queue.
-        if self.alive == 0:
-            self.close()
-            if outq is not None:
-                await outq.put(END)
+        await self._worker_ended()
 
     async def _gather(self) -> list[Env] | None:
         """The next batch, or ``None`` once the queue has ended."""

@@ -271,11 +271,15 @@ class StageRun:
                         await self._emit(result, ticket)
         finally:
             self.alive -= 1
-        # Only reached on a normal end (not cancellation): the last worker closes the next queue.
+        await self._worker_ended()
+
+    async def _worker_ended(self) -> None:
+        """A worker saw the end of its queue. Only reached on a normal end (not cancellation):
+        the last worker closes the stage and the next queue."""
         if self.alive == 0:
             self.close()
-            if outq is not None:
-                await outq.put(END)
+            if self.outq is not None:
+                await self.outq.put(END)
 
     def close(self) -> None:
         """Stop the stage's controller and pause timer (its workers end with their queue)."""
