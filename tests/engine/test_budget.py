@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import ConfigError, Context, Pipeline, Stage, factory, weighs
+from pipeline import ConfigError, Context, Pipeline, RunReport, Stage, factory, weighs
 from pipeline._budget import parse_size, weigh
 from pipeline.testing import memory_source
 
@@ -50,6 +50,18 @@ class InFlight(Peak):
         await asyncio.sleep(0)
         self.now -= 1
         return item
+
+
+async def ten_items_in_25mb(stage: Stage) -> RunReport:
+    """Run ten weightless items through ``stage`` under a 25 MB budget."""
+    p = Pipeline(
+        source=memory_source([{"id": i} for i in range(10)]),
+        stages=[stage],
+        report_dir=None,
+        ledger=False,
+        memory_budget="25MB",
+    )
+    return await p.run_async(progress=False)
 
 
 def pipeline(alive: Alive, budget: str | None, count: int = 12) -> Pipeline:
@@ -95,14 +107,7 @@ async def test_what_a_stage_declares_it_allocates_counts_while_it_runs() -> None
     async def decode(item: dict[str, Any]) -> dict[str, Any]:
         return await attempts.attempt(item)
 
-    p = Pipeline(
-        source=memory_source([{"id": i} for i in range(10)]),
-        stages=[Stage(decode, concurrency=4)],
-        report_dir=None,
-        ledger=False,
-        memory_budget="25MB",
-    )
-    report = await p.run_async(progress=False)
+    report = await ten_items_in_25mb(Stage(decode, concurrency=4))
     assert report.items.ok == 10
     assert attempts.peak <= 2
     assert report.memory["peak_charged_bytes"] <= 25 * MB
@@ -139,13 +144,6 @@ async def test_a_factory_declares_what_its_attempts_allocate() -> None:
         ctx.weighs(lambda item: max_bytes)
         yield attempts.attempt
 
-    p = Pipeline(
-        source=memory_source([{"id": i} for i in range(10)]),
-        stages=[Stage(fetch, concurrency=4, options={"max_bytes": 10 * MB})],
-        report_dir=None,
-        ledger=False,
-        memory_budget="25MB",
-    )
-    report = await p.run_async(progress=False)
+    report = await ten_items_in_25mb(Stage(fetch, concurrency=4, options={"max_bytes": 10 * MB}))
     assert report.items.ok == 10
     assert attempts.peak <= 2
