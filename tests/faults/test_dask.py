@@ -69,6 +69,7 @@ def _config(tmp_path: Path, catalog: Catalog) -> Config:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # beyond the run's own deadline below, which reports the cluster's logs
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
     mysql_db: MariaDB, http_server: LoopbackServer, tmp_path: Path, sig: signal.Signals
@@ -132,9 +133,9 @@ def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
         finally:
             hold.set()
         try:
-            code = run.wait(timeout=120)
+            code = run.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the run did not end:\n{run.stderr}\n{cluster.logs()}") from None
+            raise AssertionError(f"the run did not end:\n{run.stderr}\n{cluster.dump()}") from None
         used = global_status(admin, "Max_used_connections")
 
     assert code == 0, run.stderr

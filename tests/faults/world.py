@@ -179,12 +179,27 @@ class Config:
 # A run in a subprocess
 
 
+def abort(process: subprocess.Popen[str]) -> None:
+    """Stop a process that hangs: SIGABRT first (with ``PYTHONFAULTHANDLER`` set, Python prints
+    every thread's stack to stderr before it dies), SIGKILL if that does not end it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGABRT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
 class Run:
-    """``python -m pipeline ARGS`` in a subprocess; its stderr is read line by line by a thread."""
+    """``python -m pipeline ARGS`` in a subprocess. Threads read its stdout and stderr (so that
+    :meth:`wait` can time out, and a full pipe never stalls the run); stderr line by line, for
+    :meth:`wait_for_line`."""
 
     def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None):
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         full_env.pop("PYTHONASYNCIODEBUG", None)  # an operator's run, not a test loop
+        full_env["PYTHONFAULTHANDLER"] = "1"  # a run that hangs shows where, see wait()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipeline", *args],
             cwd=cwd,
@@ -195,16 +210,25 @@ class Run:
             text=True,
         )
         self.stderr_lines: list[str] = []
+        self._stdout: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="run-stderr", daemon=True)
-        self._reader.start()
-        self.stdout = ""
+        self._readers = [
+            threading.Thread(target=self._read_stderr, name="run-stderr", daemon=True),
+            threading.Thread(target=self._read_stdout, name="run-stdout", daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self) -> None:
+    def _read_stderr(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
+            self.stderr_lines.append(line)
             self._lines.put(line)
         self._lines.put(None)
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        self._stdout.append(self.process.stdout.read())
 
     def wait_for_line(self, fragment: str, timeout: float = DEADLINE) -> str:
         """Block until a stderr line holds ``fragment``; fail if the run ends or time runs out first."""
@@ -218,7 +242,6 @@ class Run:
                 ) from None
             if line is None:
                 raise AssertionError(f"the run ended without a stderr line with {fragment!r}:\n{self.stderr}")
-            self.stderr_lines.append(line)
             if fragment in line:
                 return line
 
@@ -229,30 +252,31 @@ class Run:
         self.process.send_signal(signal.SIGKILL)
 
     def wait(self, timeout: float = DEADLINE) -> int:
-        """Wait for the exit; collect stdout and the rest of stderr. Returns the exit status."""
-        assert self.process.stdout is not None
+        """Wait for the exit and for both pipes' ends; returns the exit status. A run still going
+        after ``timeout`` seconds (or a test interrupted while waiting) is stopped with SIGABRT,
+        which makes it print every thread's stack to its stderr, then killed, then the error
+        raised: no process outlives its test."""
         try:
-            self.stdout = self.process.stdout.read()
             code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        except BaseException:
+            abort(self.process)
             raise
-        self._reader.join(timeout)
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                self.stderr_lines.append(line)
-        self.process.stdout.close()
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+        finally:
+            for reader in self._readers:
+                reader.join(timeout)
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()
         return code
 
     @property
+    def stdout(self) -> str:
+        """What the run printed, once it has ended (see :meth:`wait`)."""
+        return "".join(self._stdout)
+
+    @property
     def stderr(self) -> str:
+        """What the run logged so far."""
         return "".join(self.stderr_lines)
 
 
