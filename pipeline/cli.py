@@ -135,7 +135,7 @@ def _deadletters(pipeline: Any, run_id: str | None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ._deadletters import group_dead_letters, latest_run_id
+    from ._deadletters import group_dead_letters, latest_run_id, shards_with_dead_letters
 
     run_id = run_id or latest_run_id(pipeline)
     groups = group_dead_letters(pipeline, run_id)
@@ -152,7 +152,11 @@ def _deadletters(pipeline: Any, run_id: str | None) -> int:
         more = "" if g.count <= len(g.keys) else f" +{g.count - len(g.keys)}"
         table.add_row(str(g.count), g.stage, g.error_type, g.reason, ", ".join(map(repr, g.keys)) + more)
     console.print(table)
-    console.print(f"after fixing the cause: pipeline retry CONFIG --run-id {run_id}")
+    shards = shards_with_dead_letters(pipeline, run_id)
+    if not shards:
+        console.print(f"after fixing the cause: pipeline retry CONFIG --run-id {run_id}")
+    for shard in shards:
+        console.print(f"after fixing the cause: pipeline retry CONFIG --run-id {run_id} --shard {shard}")
     return EXIT_OK
 
 

@@ -105,3 +105,28 @@ def test_status_of_an_unknown_run_exits_2(write_config: Callable[[str], Path], t
     result = run_cli("status", str(config), "--run-id", "nope", cwd=tmp_path)
     assert result.returncode == 2
     assert "run 'nope' is not in the ledger" in result.stderr
+
+
+def test_deadletters_of_a_sharded_run_gathers_every_shard(
+    write_config: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """``pipeline deadletters`` on a run of two shards lists both shards' failures (the odd
+    items, 4 of 8) and says how to retry each shard."""
+    config = write_config(CONFIG.format(ledger="false"))
+    for k in (0, 1):
+        result = run_cli(
+            "run", str(config), "--shard", f"{k}/2", "--parallel", "1", "--run-id", "r", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+    per_shard = [
+        len((tmp_path / "runs" / "r" / f"shard-{k}-of-2" / "dead_letters.jsonl").read_text().splitlines())
+        for k in (0, 1)
+    ]
+    assert sum(per_shard) == 4
+    for args in (["--run-id", "r"], []):  # named, and found as the latest run
+        listing = run_cli("deadletters", str(config), *args, cwd=tmp_path)
+        assert listing.returncode == 0, listing.stderr
+        assert "run r: 4 items still failed" in listing.stdout
+        hints = [line for line in listing.stdout.splitlines() if "pipeline retry" in line]
+        expected = [f"--shard {k}/2" for k in (0, 1) if per_shard[k]]
+        assert [hint.rsplit(" --shard ", 1)[-1] for hint in hints] == [e.split()[-1] for e in expected]
