@@ -24,6 +24,7 @@ from tests.faults.world import (
     SIZES,
     Config,
     Run,
+    abort,
     output_files,
     serve_images,
     temp_files,
@@ -111,8 +112,7 @@ def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
                 f"row {HELD} is fetched",
             )
             if run.process.poll() is not None:
-                run.wait()
-                raise AssertionError(f"the run ended early:\n{run.stdout}{run.stderr}{cluster.logs()}")
+                raise AssertionError(f"the run ended early, exit {run.wait()}:\n{run.stdout}")
             wait_until(
                 lambda: sum(1 for k, s in _ledger(monitor).items() if k in mine and s == "done") >= 3,
                 f"shard {victim} recorded 3 rows",
@@ -130,6 +130,11 @@ def test_a_worker_killed_mid_shard_the_run_still_ends_every_row_exactly_once(
                 cluster.wait_for_log(killed, f"shard {victim}/{SHARDS}: its worker is closing")
                 hold.set()  # the shard drains what it holds, then the worker can exit
                 cluster.workers[killed].process.wait(timeout=60)
+        except (AssertionError, subprocess.TimeoutExpired) as stalled:
+            # Stop the run here, so that no process outlives the test, and show where it stood.
+            abort(run.process)
+            run.wait()
+            raise AssertionError(f"{stalled}\n--- the run\n{run.stderr}\n{cluster.dump()}") from None
         finally:
             hold.set()
         try:
