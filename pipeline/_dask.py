@@ -25,6 +25,8 @@
   its shard again elsewhere; the shard sees its worker closing and stops as a signal would (no
   more reads, the grace period for what is in flight), so the rerun redoes little. A worker
   killed outright ends its shard with nothing drained; the ledger resumes the rerun either way.
+* On Python 3.11 a shard stops its worker's task profiler (see :func:`_stop_task_profiler`):
+  CPython 3.11 can deadlock the whole worker process inside it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,6 +63,8 @@ LEASE_TIMEOUT_KEY = "distributed.scheduler.locks.lease-timeout"
 VALIDATION_KEY = "distributed.scheduler.locks.lease-validation-interval"
 WATCH_INTERVAL = 0.2
 """Seconds between looks at the worker's status, to stop a shard once its worker is closing."""
+PROFILER_STOP_TIMEOUT = 10.0
+"""Seconds a shard waits for its worker's loop to stop the task profiler (Python 3.11)."""
 SLOTS = "shards"
 """The lease key of the semaphore of ``P`` running shards, beside ``databases.<name>``."""
 
@@ -399,6 +405,7 @@ def run_shard(task: ShardTask) -> ShardOutcome:
     label = str(task.shard)
     worker = get_worker()
     where = str(worker.address)
+    _stop_task_profiler(worker, label)
     with dask.config.set({LEASE_TIMEOUT_KEY: task.lease_timeout}), _held(task.leases, label) as held:
         try:
             runner = Run(
@@ -418,6 +425,42 @@ def run_shard(task: ShardTask) -> ShardOutcome:
             failed: RunReport | None = getattr(exc, "report", None)
             return ShardOutcome(label, "failed", 1, where, held, failed, f"{type(exc).__name__}: {exc}")
     return ShardOutcome(label, report.status, report.exit_code, where, held, report, report.error)
+
+
+def _stop_task_profiler(worker: Any, label: str) -> None:
+    """On Python 3.11, stop the worker's task profiler before the shard starts, and wait until it
+    has stopped.
+
+    The profiler calls ``sys._current_frames()`` every 10 ms while a task runs, and on CPython 3.11
+    a garbage collection that starts inside that call can deadlock the whole process: the call
+    holds the interpreter's thread-list lock, and freeing a ``threading.local`` takes it again
+    (python/cpython#106883, not fixed in 3.11; 3.12 collects at safe points only). A shard, with its
+    dozens of threads, makes it likely: before this, a worker froze in 4 of 80 runs of this suite's
+    Dask fault tests. Dask turns its event-loop profiler off on 3.11 for the same reason, but not
+    this one. The worker's profile page on the dashboard stays empty from then on; other Python
+    versions are left alone.
+    """
+    if sys.version_info[:2] != (3, 11):
+        return
+    callback = worker.periodic_callbacks.get("profile")
+    if callback is None or not callback.is_running():
+        return
+    stopped = threading.Event()
+
+    def stop() -> None:  # on the worker's own loop: a PeriodicCallback is not thread-safe
+        callback.stop()
+        stopped.set()
+
+    worker.loop.add_callback(stop)
+    if not stopped.wait(timeout=PROFILER_STOP_TIMEOUT):  # a worker closing: its loop may be gone
+        log.warning("shard %s: could not stop the task profiler of worker %s", label, worker.address)
+        return
+    log.warning(
+        "shard %s: stopped the task profiler of worker %s (CPython 3.11 can deadlock in it, "
+        "python/cpython#106883; run the workers on Python 3.12+ to keep it)",
+        label,
+        worker.address,
+    )
 
 
 async def _run_until_closing(runner: Run, worker: Any, label: str) -> RunReport:
