@@ -128,5 +128,5 @@ def test_deadletters_of_a_sharded_run_gathers_every_shard(
         assert listing.returncode == 0, listing.stderr
         assert "run r: 4 items still failed" in listing.stdout
         hints = [line for line in listing.stdout.splitlines() if "pipeline retry" in line]
-        expected = [f"--shard {k}/2" for k in (0, 1) if per_shard[k]]
-        assert [hint.rsplit(" --shard ", 1)[-1] for hint in hints] == [e.split()[-1] for e in expected]
+        shards = [hint.rsplit(" --shard ", 1)[-1] for hint in hints]
+        assert shards == [f"{k}/2" for k in (0, 1) if per_shard[k]]
